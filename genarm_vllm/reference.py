@@ -1,0 +1,176 @@
+"""A batched Hugging Face transformers GenARM decoder: the correctness oracle.
+
+Same semantics as the engine: every model sees the same token ids and keeps its own
+KV cache; the next-token scores are `mix_logprobs(...)`; temperature, top-k and top-p
+act on the mixed scores (official GenARM code). Prompts are left-padded; each row stops
+at EOS (which is kept in the output, as vLLM does) or after max_new_tokens.
+With batch_size=1 this is how the official GenARM code runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from genarm_vllm.mixing import check_guidance, mix_logprobs, resolve_guidance
+from genarm_vllm.validation import check_reward_models, tokenizer_length
+
+
+def top_k_top_p_filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask scores outside the top-k / nucleus top-p set with -inf (row-wise)."""
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -torch.inf)
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+        cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; keep the first.
+        drop_sorted = (cumulative - sorted_scores.softmax(dim=-1)) >= top_p
+        drop_sorted[:, 0] = False
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, -torch.inf)
+    return scores
+
+
+class ReferenceDecoder:
+    """GenARM decoding with transformers models, batched, one KV cache per model."""
+
+    def __init__(
+        self,
+        base: str,
+        reward_models: Sequence[str] = (),
+        *,
+        beta: float = 1.0,
+        weights: Sequence[float] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
+        self.reward_model_paths = [str(p) for p in reward_models]
+        if self.reward_model_paths:
+            check_reward_models(str(base), self.reward_model_paths)
+        if weights is None:
+            weights = [1.0] * len(self.reward_model_paths)
+        self.beta, self.weights = check_guidance(beta, weights, len(self.reward_model_paths))
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.vocab_size = tokenizer_length(str(base))
+
+        def load(path: str) -> torch.nn.Module:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            return model.to(self.device).eval()
+
+        self.base = load(str(base))
+        self.reward_models = [load(p) for p in self.reward_model_paths]
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.pad_token_id = (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        )
+
+    def _encode(self, prompt: str | Sequence[int] | dict) -> list[int]:
+        if isinstance(prompt, dict):
+            prompt = prompt.get("prompt_token_ids", prompt.get("prompt"))
+        if isinstance(prompt, str):
+            return self.tokenizer(prompt).input_ids
+        return [int(t) for t in prompt]
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int] | dict],
+        max_new_tokens: int = 32,
+        *,
+        guidance: object = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        batch_size: int | None = None,
+    ) -> list[list[int]]:
+        """Generated token ids per prompt (EOS included when it ends a row).
+
+        `guidance` is as in `GuidedLLM.generate`: None, one dict, or one per prompt.
+        temperature 0 means greedy (argmax of the mixed scores).
+        """
+        prompt_ids = [self._encode(p) for p in prompts]
+        per_prompt = [
+            g or (self.beta, self.weights)
+            for g in resolve_guidance(guidance, len(prompt_ids), self.beta, self.weights)
+        ]
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        batch_size = batch_size or len(prompt_ids) or 1
+        outputs: list[list[int]] = []
+        for start in range(0, len(prompt_ids), batch_size):
+            outputs += self._generate_batch(
+                prompt_ids[start : start + batch_size],
+                per_prompt[start : start + batch_size],
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                generator,
+                ignore_eos,
+            )
+        return outputs
+
+    def _generate_batch(
+        self, prompt_ids, guidance, max_new_tokens, temperature, top_k, top_p, generator, ignore_eos
+    ) -> list[list[int]]:
+        rows = len(prompt_ids)
+        longest = max(len(p) for p in prompt_ids)
+        input_ids = torch.full((rows, longest), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((rows, longest), dtype=torch.long)
+        for i, ids in enumerate(prompt_ids):  # left padding
+            input_ids[i, longest - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, longest - len(ids) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        beta = torch.tensor([b for b, _ in guidance], device=self.device)
+        weights = torch.tensor([w for _, w in guidance], device=self.device).reshape(
+            rows, len(self.reward_models)
+        )
+
+        models = [self.base, *self.reward_models]
+        caches: list = [None] * len(models)
+        outputs: list[list[int]] = [[] for _ in range(rows)]
+        finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
+        step_ids = input_ids
+        for _ in range(max_new_tokens):
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            position_ids = position_ids[:, -step_ids.shape[1] :]
+            logits = []
+            for m, model in enumerate(models):
+                out = model(
+                    input_ids=step_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=caches[m],
+                    use_cache=True,
+                )
+                caches[m] = out.past_key_values
+                logits.append(out.logits[:, -1, :])
+            scores = mix_logprobs(logits[0], logits[1:], beta, weights, self.vocab_size)
+            next_ids = self._pick(scores, temperature, top_k, top_p, generator)
+            for i in range(rows):
+                if not finished[i]:
+                    outputs[i].append(int(next_ids[i]))
+            if not ignore_eos and self.eos_token_id is not None:
+                finished |= next_ids == self.eos_token_id
+            if bool(finished.all()):
+                break
+            step_ids = next_ids.unsqueeze(-1)
+            attention_mask = torch.cat(
+                [attention_mask, torch.ones((rows, 1), dtype=attention_mask.dtype, device=self.device)],
+                dim=-1,
+            )
+        return outputs
+
+    @staticmethod
+    def _pick(scores, temperature, top_k, top_p, generator) -> torch.Tensor:
+        if temperature == 0:
+            return scores.argmax(dim=-1)
+        scores = top_k_top_p_filter(scores / temperature, top_k, top_p)
+        return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)

