@@ -1,3 +1,27 @@
 """GenARM reward-guided decoding on vLLM."""
 
 __version__ = "0.1.0"
+
+__all__ = ["GuidedLLM", "ReferenceDecoder", "mix_logprobs", "pack"]
+
+
+def __getattr__(name):
+    # Lazy: importing genarm_vllm must not import vLLM (the reference decoder and the
+    # training code work without it).
+    if name == "GuidedLLM":
+        from genarm_vllm.engine import GuidedLLM
+
+        return GuidedLLM
+    if name == "ReferenceDecoder":
+        from genarm_vllm.reference import ReferenceDecoder
+
+        return ReferenceDecoder
+    if name == "mix_logprobs":
+        from genarm_vllm.mixing import mix_logprobs
+
+        return mix_logprobs
+    if name == "pack":
+        from genarm_vllm.bundle import pack
+
+        return pack
+    raise AttributeError(f"module 'genarm_vllm' has no attribute {name!r}")

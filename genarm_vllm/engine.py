@@ -1,0 +1,128 @@
+"""GuidedLLM: offline batch generation with GenARM guidance on a vLLM engine."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from genarm_vllm.bundle import guidance_overrides, read_bundle
+from genarm_vllm.logits_processor import BETA_KEY, WEIGHTS_KEY, GenARMLogitsProcessor
+from genarm_vllm.mixing import resolve_guidance
+from genarm_vllm.model import GuidanceConfig
+from genarm_vllm.validation import check_reward_models
+
+
+class GuidedLLM:
+    """A vLLM engine whose every request is guided by GenARM reward models.
+
+    Args:
+        base: the base model folder, or a bundle folder written by `genarm-vllm pack`
+            (then reward_models / beta / weights default to the bundle's).
+        reward_models: reward model (ARM) folders; they must share the base's tokenizer.
+        beta: default beta (> 0): smaller means stronger guidance.
+        weights: default weight per reward model (None: 1.0 each).
+        **vllm_engine_kwargs: anything `vllm.LLM` takes (max_model_len, tensor_parallel_size,
+            enforce_eager, gpu_memory_utilization, ...). On a machine without a GPU, dtype
+            defaults to float32 (vLLM's "auto" picks bfloat16 on CPU, slow without AVX-512).
+
+    Returned logprobs (SamplingParams.logprobs) are those of each request's own guided
+    distribution: logprobs_mode defaults to "processed_logprobs" here.
+    """
+
+    def __init__(
+        self,
+        base: str | os.PathLike,
+        reward_models: Sequence[str | os.PathLike] | None = None,
+        beta: float | None = None,
+        weights: Sequence[float] | None = None,
+        **vllm_engine_kwargs,
+    ):
+        from vllm import LLM
+
+        base = str(base)
+        bundle = read_bundle(base)
+        if bundle is None:
+            if not reward_models:
+                raise ValueError("GuidedLLM needs at least one reward model (reward_models=[...])")
+            fields = guidance_overrides(base, reward_models, 1.0 if beta is None else beta, weights)
+        else:  # a bundle: its own fields are the defaults
+            fields = dict(bundle)
+            given = [str(Path(p).resolve()) for p in reward_models or []]
+            if given and given != fields["genarm_reward_models"]:
+                raise ValueError(
+                    f"{base} is a bundle of {fields['genarm_reward_models']}; pass its base "
+                    "model to use other reward models"
+                )
+            if beta is not None:
+                fields["genarm_beta"] = beta
+            if weights is not None:
+                fields["genarm_weights"] = weights
+        guidance = GuidanceConfig.from_fields(fields)
+        self.reward_models, self.beta, self.weights = (
+            guidance.reward_models, guidance.beta, guidance.weights
+        )
+        fields.update(genarm_beta=self.beta, genarm_weights=self.weights)
+        # Fail here, with a clear message, rather than inside the engine process.
+        check_reward_models(
+            base,
+            self.reward_models,
+            max_model_len=vllm_engine_kwargs.get("max_model_len"),
+            tensor_parallel_size=vllm_engine_kwargs.get("tensor_parallel_size", 1),
+        )
+
+        GenARMLogitsProcessor.num_reward_models = len(self.reward_models)
+        kwargs = dict(vllm_engine_kwargs)
+        kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **fields}
+        kwargs["logits_processors"] = [GenARMLogitsProcessor, *(kwargs.get("logits_processors") or [])]
+        kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        if not _has_cuda():
+            kwargs.setdefault("dtype", "float32")
+        self.llm = LLM(model=base, **kwargs)
+
+    def get_tokenizer(self):
+        return self.llm.get_tokenizer()
+
+    def generate(
+        self,
+        prompts,
+        sampling_params=None,
+        guidance: object = None,
+        use_tqdm: bool = True,
+    ):
+        """Generate for `prompts` (anything vllm.LLM.generate takes) in prompt order.
+
+        guidance: None (engine defaults), one dict {"beta": ..., "weights": [...]} for all
+        prompts, or a list with one such dict (or None) per prompt.
+        sampling_params: one vllm.SamplingParams for all prompts, or one per prompt.
+        """
+        from vllm import SamplingParams
+
+        single = isinstance(prompts, (str, dict))
+        prompt_list = [prompts] if single else list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(prompt_list)
+        if len(sampling_params) != len(prompt_list):
+            raise ValueError(
+                f"got {len(sampling_params)} sampling params for {len(prompt_list)} prompts"
+            )
+        per_prompt = resolve_guidance(guidance, len(prompt_list), self.beta, self.weights)
+        params = [
+            sp if g is None else _with_guidance(sp, *g)
+            for sp, g in zip(sampling_params, per_prompt)
+        ]
+        return self.llm.generate(prompt_list, params, use_tqdm=use_tqdm)
+
+
+def _with_guidance(params, beta: float, weights: list[float]):
+    params = params.clone()
+    params.extra_args = {**(params.extra_args or {}), BETA_KEY: beta, WEIGHTS_KEY: weights}
+    return params
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

