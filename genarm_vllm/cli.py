@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def cmd_env(args: argparse.Namespace) -> int:
@@ -35,6 +36,81 @@ def cmd_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base", required=True,
+                        help="base model folder, or a bundle folder from `genarm-vllm pack`")
+    parser.add_argument("--reward-model", action="append", default=None, metavar="PATH",
+                        help="reward model (ARM) folder; repeat for several (order = weights order)")
+    parser.add_argument("--beta", type=float, default=None,
+                        help="default beta > 0; smaller = stronger guidance (default 1.0)")
+    parser.add_argument("--weights", type=parse_weights, default=None,
+                        help="default weight per reward model, comma separated (default 1 each)")
+
+
+def parse_weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def engine_kwargs(vllm_args: list[str]) -> dict:
+    """vLLM engine flags (as `vllm serve` takes them) -> the LLM(...) kwargs they change."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="genarm-vllm (vLLM engine flags)")
+    EngineArgs.add_cli_args(parser)
+    given = parser.parse_args([*vllm_args, "--model", "unused"])
+    default = parser.parse_args(["--model", "unused"])
+    return {
+        f.name: getattr(given, f.name)
+        for f in dataclasses.fields(EngineArgs)
+        if f.name != "model"
+        and hasattr(given, f.name)
+        and getattr(given, f.name) != getattr(default, f.name)
+    }
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from genarm_vllm.bundle import pack
+
+    out = pack(args.base, args.reward_model or [], args.out, beta=1.0 if args.beta is None else args.beta,
+               weights=args.weights)
+    print(f"wrote GenARM bundle {out}: load it with vllm.LLM({str(out)!r}) or `genarm-vllm serve {out}`")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
+    from vllm import SamplingParams
+
+    from genarm_vllm.batch_job import completed_rows, read_rows, run_job
+    from genarm_vllm.bundle import read_bundle
+
+    kwargs = engine_kwargs(vllm_args)  # bad engine flags fail before any work
+    bundle = read_bundle(args.base)
+    num_reward_models = len(args.reward_model or (bundle or {}).get("genarm_reward_models") or [])
+    if not num_reward_models:
+        raise ValueError("give at least one --reward-model (or a bundle as --base)")
+    rows = read_rows(args.input, num_reward_models)
+    if completed_rows(Path(args.output), rows) == len(rows):
+        print(f"{args.output} already holds all {len(rows)} rows; nothing to do")
+        return 0
+    sampling_params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
+    )
+    from genarm_vllm.engine import GuidedLLM
+
+    llm = GuidedLLM(args.base, args.reward_model, beta=args.beta, weights=args.weights, **kwargs)
+    added = run_job(llm, args.input, args.output, sampling_params, rows=rows,
+                    chunk_size=args.chunk_size)
+    print(f"wrote {added} rows to {args.output} ({len(rows)} in all)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genarm-vllm",
@@ -42,14 +118,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("env", help="print versions and the device").set_defaults(func=cmd_env)
+
+    p = sub.add_parser("pack", help="write a bundle folder that plain vLLM loads as one model",
+                       description="Write a GenARM bundle: the base folder with a rewritten "
+                       "config.json, other files symlinked, reward models referenced by path.")
+    add_model_args(p)
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser(
+        "generate", help="guided batch generation over a JSONL file", allow_abbrev=False,
+        description="Guided batch generation. Input rows: {\"prompt\": ...} or "
+        "{\"messages\": [...]}, optional \"beta\" and \"weights\". Output rows: the input "
+        "fields plus generated_text, generated_token_ids, finish_reason. Re-running continues "
+        "an interrupted job. Any further flags are vLLM engine flags (e.g. --max-model-len 2048 "
+        "--tensor-parallel-size 2 --enforce-eager).",
+    )
+    add_model_args(p)
+    p.add_argument("--input", required=True, help="input JSONL")
+    p.add_argument("--output", required=True, help="output JSONL (appended to when resuming)")
+    p.add_argument("--max-tokens", type=int, default=128, help="tokens per completion (128)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="on the mixed scores; 0 = greedy (1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0 = off)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
+    p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
+    p.add_argument("--chunk-size", type=int, default=512,
+                   help="rows per engine call; output is saved after each chunk (512)")
+    p.set_defaults(func=cmd_generate, takes_vllm_args=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_vllm_args", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if getattr(args, "takes_vllm_args", False):
+            return args.func(args, rest)
         return args.func(args)
-    except ValueError as e:  # user errors: one clear line, non-zero exit
+    except ValueError as e:  # user errors: one clear message, non-zero exit
         print(f"genarm-vllm {args.command}: error: {e}", file=sys.stderr)
         return 2
 

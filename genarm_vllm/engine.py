@@ -7,7 +7,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from genarm_vllm.bundle import guidance_overrides, read_bundle
-from genarm_vllm.logits_processor import BETA_KEY, WEIGHTS_KEY, GenARMLogitsProcessor
+from genarm_vllm.logits_processor import (
+    BETA_KEY,
+    WEIGHTS_KEY,
+    GenARMLogitsProcessor,
+    request_guidance,
+)
 from genarm_vllm.mixing import resolve_guidance
 from genarm_vllm.model import GuidanceConfig
 from genarm_vllm.validation import check_reward_models
@@ -71,7 +76,6 @@ class GuidedLLM:
             tensor_parallel_size=vllm_engine_kwargs.get("tensor_parallel_size", 1),
         )
 
-        GenARMLogitsProcessor.num_reward_models = len(self.reward_models)
         kwargs = dict(vllm_engine_kwargs)
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **fields}
         kwargs["logits_processors"] = [GenARMLogitsProcessor, *(kwargs.get("logits_processors") or [])]
@@ -108,6 +112,8 @@ class GuidedLLM:
             raise ValueError(
                 f"got {len(sampling_params)} sampling params for {len(prompt_list)} prompts"
             )
+        for sp in sampling_params:  # guidance given directly in extra_args
+            request_guidance(sp, len(self.reward_models))
         per_prompt = resolve_guidance(guidance, len(prompt_list), self.beta, self.weights)
         params = [
             sp if g is None else _with_guidance(sp, *g)

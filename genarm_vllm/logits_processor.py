@@ -81,8 +81,10 @@ def remix(
 class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
     """Applies a request's own `genarm_beta` / `genarm_weights` (see module doc)."""
 
-    # Request admission runs in the frontend process, where validate_params has no
-    # config: GuidedLLM and `genarm-vllm serve` tell it the reward model count.
+    # Request admission runs in the frontend process, where validate_params gets no
+    # config. `genarm-vllm serve` (one model per process) sets the reward model count
+    # here so a wrong-length genarm_weights is refused at admission; GuidedLLM checks
+    # requests itself, as several engines may share its process.
     num_reward_models: int | None = None
 
     @classmethod

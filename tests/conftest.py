@@ -16,3 +16,31 @@ from genarm_vllm.testing import build_tiny_family  # noqa: E402
 def tiny(tmp_path_factory):
     """Paths of the tiny base and reward models (see genarm_vllm.testing)."""
     return build_tiny_family(tmp_path_factory.mktemp("tiny"))
+
+
+# In-process vLLM engines cannot be torn down safely while another one lives (see
+# README, testing notes): every engine a test needs is built once and kept for the session.
+_ENGINES: dict = {}
+
+ENGINE_DEFAULTS = dict(enforce_eager=True, max_model_len=256, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def engine(tiny):
+    """engine(key, reward_models=[names], **kwargs) -> a cached GuidedLLM (or plain LLM)."""
+
+    def get(key, arms=(), plain=False, **kwargs):
+        if key not in _ENGINES:
+            kwargs = {**ENGINE_DEFAULTS, **kwargs}
+            if plain:
+                from vllm import LLM
+
+                model = kwargs.pop("model", str(tiny["base"]))
+                _ENGINES[key] = LLM(model=model, **kwargs)
+            else:
+                from genarm_vllm import GuidedLLM
+
+                _ENGINES[key] = GuidedLLM(tiny["base"], [tiny[a] for a in arms], **kwargs)
+        return _ENGINES[key]
+
+    return get

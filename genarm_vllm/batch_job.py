@@ -1,0 +1,141 @@
+"""The JSONL batch job behind `genarm-vllm generate`.
+
+Input rows: {"prompt": str} or {"messages": [...]} (rendered with the base tokenizer's
+chat template), plus optional per-row "beta" and "weights". Output rows: every input
+field plus "generated_text", "generated_token_ids" and "finish_reason", in input order.
+
+The output is written chunk by chunk and flushed, so a re-run after an interruption
+keeps the complete rows already there and continues after them (a torn last line is
+dropped and redone); no row is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from genarm_vllm.mixing import resolve_guidance
+
+OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason")
+
+
+def read_rows(path: str | os.PathLike, num_reward_models: int) -> list[dict]:
+    """All input rows, validated; ValueError naming every bad line (up to 10)."""
+    rows, errors = [], []
+    with open(path, encoding="utf-8") as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                check_row(row, num_reward_models)
+            except (json.JSONDecodeError, ValueError) as e:
+                errors.append(f"{path} line {line_number}: {e}")
+                continue
+            rows.append(row)
+    if errors:
+        more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise ValueError("invalid input rows:\n" + "\n".join(errors[:10]) + more)
+    return rows
+
+
+def check_row(row: object, num_reward_models: int) -> None:
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    if isinstance(row.get("prompt"), str) == isinstance(row.get("messages"), list):
+        raise ValueError('a row needs exactly one of "prompt" (a string) or "messages" (a list)')
+    guidance = {k: row[k] for k in ("beta", "weights") if k in row}
+    # Placeholder defaults: only the row's own values are checked here.
+    resolve_guidance([guidance], 1, 1.0, [1.0] * num_reward_models)
+
+
+def completed_rows(output: Path, rows: list[dict]) -> int:
+    """How many rows `output` already holds; drops a torn last line."""
+    if not output.exists():
+        return 0
+    done, keep_bytes = 0, 0
+    with open(output, "rb") as f:
+        for raw in f:
+            try:
+                written = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            if not raw.endswith(b"\n"):
+                break
+            if done >= len(rows) or _input_part(written) != rows[done]:
+                raise ValueError(
+                    f"{output} row {done + 1} does not match the input row; it belongs to "
+                    "another job (remove it or choose another --output)"
+                )
+            done, keep_bytes = done + 1, keep_bytes + len(raw)
+    if keep_bytes != output.stat().st_size:
+        with open(output, "r+b") as f:
+            f.truncate(keep_bytes)
+    return done
+
+
+def _input_part(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in OUTPUT_FIELDS}
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def run_job(
+    llm,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    sampling_params,
+    rows: list[dict] | None = None,
+    chunk_size: int = 512,
+    progress: bool = True,
+) -> int:
+    """Generate for every row not yet in `output_path`; returns how many rows it added."""
+    from tqdm import tqdm
+
+    output = Path(output_path)
+    if rows is None:
+        rows = read_rows(input_path, len(llm.reward_models))
+    done = completed_rows(output, rows)
+    todo = rows[done:]
+    tokenizer = llm.get_tokenizer()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "a", encoding="utf-8") as out, tqdm(
+        total=len(rows), initial=done, unit="row", desc="generate", disable=not progress
+    ) as bar:
+        for chunk in chunks(todo, chunk_size):
+            prompts = [_prompt(row, tokenizer) for row in chunk]
+            guidance = [
+                {k: row[k] for k in ("beta", "weights") if k in row} or None for row in chunk
+            ]
+            results = llm.generate(prompts, sampling_params, guidance=guidance, use_tqdm=False)
+            for row, result in zip(chunk, results):
+                completion = result.outputs[0]
+                out.write(
+                    json.dumps(
+                        {
+                            **row,
+                            "generated_text": completion.text,
+                            "generated_token_ids": list(completion.token_ids),
+                            "finish_reason": completion.finish_reason,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(chunk))
+    return len(todo)
+
+
+def _prompt(row: dict, tokenizer):
+    if "prompt" in row:
+        return row["prompt"]
+    text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
+    # The template already holds any special tokens: do not add a second BOS.
+    return {"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}

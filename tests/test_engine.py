@@ -1,0 +1,179 @@
+"""The GenARM vLLM engine against the reference decoder, on tiny models (CPU, float32)."""
+
+import pytest
+from vllm import SamplingParams
+
+from genarm_vllm import GuidedLLM
+from genarm_vllm.reference import ReferenceDecoder
+from genarm_vllm.testing import build_model, build_tokenizer
+
+PROMPTS = [
+    "the cat sat on",
+    "a dog",
+    "happy sun is very warm and bright and the moon is cold",
+    "we",
+    "she saw the big red car on the road and",
+    "they love green trees",
+]
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def token_ids(outputs):
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def reference(tiny, arms, **kwargs):
+    return ReferenceDecoder(tiny["base"], [tiny[a] for a in arms], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "arms, beta, weights",
+    [
+        (["arm_same"], 1.0, None),  # the base's shape
+        (["arm_small"], 0.5, None),  # other hidden size, layers, heads, KV heads, vocab pad
+        (["arm_qwen2"], 0.8, None),  # another architecture family (q/k/v biases)
+        (["arm_small", "arm_qwen2"], 0.7, [1.0, -0.5]),  # two ARMs at once
+    ],
+)
+def test_greedy_equals_reference(tiny, engine, arms, beta, weights):
+    llm = engine("+".join(arms), arms, beta=beta, weights=weights)
+    want = reference(tiny, arms, beta=beta, weights=weights).generate(
+        PROMPTS, 16, ignore_eos=True
+    )
+    assert token_ids(llm.generate(PROMPTS, GREEDY)) == want
+
+
+GUIDANCE = [
+    None,
+    {"beta": 0.3},
+    {"weights": [0.0, 1.0]},
+    {"beta": 2.0, "weights": [1.0, 1.0]},
+    {"beta": 0.5, "weights": [-1.0, 0.5]},
+    {"weights": [0.0, 0.0]},
+]
+
+
+def test_per_request_guidance_in_one_batch(tiny, engine):
+    arms = ["arm_small", "arm_qwen2"]
+    llm = engine("+".join(arms), arms, beta=0.7, weights=[1.0, -0.5])
+    batched = token_ids(llm.generate(PROMPTS, GREEDY, guidance=GUIDANCE))
+    for prompt, guidance, got in zip(PROMPTS, GUIDANCE, batched):
+        alone = reference(tiny, arms, beta=0.7, weights=[1.0, -0.5]).generate(
+            [prompt], 16, ignore_eos=True, guidance=guidance
+        )
+        assert got == alone[0], guidance
+    # The same guidance as engine defaults, in another engine, run alone.
+    other = engine("small+qwen2 beta0.5", arms, beta=0.5, weights=[-1.0, 0.5])
+    assert token_ids(other.generate([PROMPTS[4]], GREEDY))[0] == batched[4]
+    # Distinct guidance really gave distinct outputs (the test can fail).
+    assert len({tuple(t) for t in batched}) == len(batched)
+
+
+def test_zero_weights_give_plain_vllm_base_output(tiny, engine):
+    plain = engine("plain base", plain=True)
+    guided = engine("arm_same", ["arm_same"], beta=1.0)
+    # GenARM drops padded vocabulary ids (>= tokenizer length); plain vLLM may pick them.
+    vocab = len(guided.get_tokenizer())
+    in_vocab = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                              allowed_token_ids=list(range(vocab)))
+    want = token_ids(plain.generate(PROMPTS, in_vocab))
+    assert token_ids(guided.generate(PROMPTS, GREEDY, guidance={"weights": [0.0]})) == want
+    assert token_ids(guided.generate(PROMPTS, GREEDY)) != want
+
+
+def test_vllm_masks_survive_per_request_guidance(engine):
+    llm = engine("arm_same", ["arm_same"], beta=1.0)
+    allowed = list(range(10, 40))
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                            allowed_token_ids=allowed)
+    for guidance in [None, {"beta": 0.2}, {"weights": [-2.0]}]:
+        for ids in token_ids(llm.generate(PROMPTS, params, guidance=guidance)):
+            assert set(ids) <= set(allowed), guidance
+
+
+def test_preemption_and_prefix_caching_leave_output_unchanged(tiny, engine):
+    long = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    prompts = [PROMPTS[2] + " " + p for p in PROMPTS] * 2  # shared prefixes
+    normal = engine("arm_same", ["arm_same"], beta=1.0)
+    want = token_ids(normal.generate(prompts, long))
+    # 4 blocks of 128 tokens cannot hold 12 requests of ~135 tokens: forces preemption.
+    tight = engine("arm_same tight", ["arm_same"], beta=1.0, num_gpu_blocks_override=4,
+                   max_num_seqs=12, disable_log_stats=False)
+    assert token_ids(tight.generate(prompts, long)) == want
+    preemptions = sum(m.value for m in tight.llm.get_metrics()
+                      if m.name == "vllm:num_preemptions")
+    assert preemptions > 0
+    no_cache = engine("arm_same no prefix cache", ["arm_same"], beta=1.0,
+                      enable_prefix_caching=False)
+    assert token_ids(no_cache.generate(prompts, long)) == want
+    assert want[0] == reference(tiny, ["arm_same"]).generate([prompts[0]], 120, ignore_eos=True)[0]
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    llm = engine("small+qwen2", ["arm_small", "arm_qwen2"], beta=0.7, weights=[1.0, -0.5])
+    params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=30, max_tokens=16,
+                             ignore_eos=True, seed=s) for s in range(len(PROMPTS))]
+    first = token_ids(llm.generate(PROMPTS, params, guidance=GUIDANCE))
+    assert first == token_ids(llm.generate(PROMPTS, params, guidance=GUIDANCE))
+    reseeded = [p.clone() for p in params]
+    for p in reseeded:
+        p.seed += 100
+    assert first != token_ids(llm.generate(PROMPTS, reseeded, guidance=GUIDANCE))
+
+
+def kv_bytes_per_token(config, dtype_bytes=4):
+    """K and V, every layer: 2 * layers * kv_heads * head_dim * bytes."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * dtype_bytes
+
+
+def test_kv_capacity_counts_every_model_once(tiny, engine):
+    from transformers import AutoConfig
+
+    llm = engine("arm_small", ["arm_small"], beta=0.5)
+    cache = llm.llm.llm_engine.vllm_config.cache_config
+    base = kv_bytes_per_token(AutoConfig.from_pretrained(tiny["base"]))
+    arm = kv_bytes_per_token(AutoConfig.from_pretrained(tiny["arm_small"]))
+    # base: 2 layers x 2 KV heads x 32 x 4 B x (K,V) = 1024 B; ARM: 1 x 1 x 64 x 4 x 2 = 512 B
+    assert (base, arm) == (1024, 512)
+    # VLLM_CPU_KVCACHE_SPACE=1 GiB shared by all layers: 2**30 / 1536 B = 699,050 tokens
+    # = 5461 blocks of 128 (a cache per model, nothing duplicated; base alone: 8192 blocks).
+    assert cache.num_gpu_blocks == (2**30 // (base + arm)) // cache.block_size == 5461
+
+
+def test_bad_request_guidance_is_rejected(engine):
+    llm = engine("arm_small", ["arm_small"], beta=0.5)
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        llm.generate(PROMPTS[:1], GREEDY, guidance={"beta": 0})
+    with pytest.raises(ValueError, match="one entry per reward model"):
+        llm.generate(PROMPTS[:1], GREEDY, guidance={"weights": [1.0, 2.0]})
+    # Guidance given directly in SamplingParams.extra_args is checked too ...
+    for extra, key in [({"genarm_beta": float("nan")}, "genarm_beta"),
+                       ({"genarm_weights": [1, 2]}, "genarm_weights"),
+                       ({"genarm_weights": "1"}, "genarm_weights")]:
+        with pytest.raises(ValueError, match=key):
+            llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2, extra_args=extra))
+    # ... and by vLLM's own admission check (validate_params) on the raw engine.
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises(VLLMValidationError, match="genarm_beta must be a finite number > 0"):
+        llm.llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2, extra_args={"genarm_beta": 0}))
+    # ... and the engine keeps serving.
+    assert len(llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids) == 16
+
+
+def test_load_time_errors(tiny, tmp_path):
+    other_tok = build_tokenizer(tmp_path / "tok", extra_words=("zebra", "quokka"))
+    other = build_model(tmp_path / "other", other_tok)
+    with pytest.raises(ValueError, match=rf"{other}.*different tokenizer than base model.*token id"):
+        GuidedLLM(tiny["base"], [other], max_model_len=256)
+    short = build_model(tmp_path / "short", build_tokenizer(tmp_path / "tok2"),
+                        max_position_embeddings=128)
+    with pytest.raises(ValueError, match="max_model_len=256 exceeds reward model .*=128"):
+        GuidedLLM(tiny["base"], [short], max_model_len=256)
+    with pytest.raises(ValueError, match="cannot be sharded over tensor_parallel_size=2"):
+        GuidedLLM(tiny["base"], [tiny["arm_small"]], max_model_len=256, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="weights must have one entry per reward model"):
+        GuidedLLM(tiny["base"], [tiny["arm_small"]], weights=[1, 2], max_model_len=256)
+    with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+        GuidedLLM(tiny["base"], [tiny["arm_small"]], beta=-1, max_model_len=256)
