@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from genarm_vllm.mixing import resolve_guidance
+from genarm_vllm.mixing import check_beta, check_weights
 
 OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason")
 
@@ -31,7 +31,10 @@ def read_rows(path: str | os.PathLike, num_reward_models: int) -> list[dict]:
             try:
                 row = json.loads(line)
                 check_row(row, num_reward_models)
-            except (json.JSONDecodeError, ValueError) as e:
+            except json.JSONDecodeError as e:
+                errors.append(f"{path} line {line_number}: not valid JSON ({e})")
+                continue
+            except ValueError as e:
                 errors.append(f"{path} line {line_number}: {e}")
                 continue
             rows.append(row)
@@ -46,9 +49,10 @@ def check_row(row: object, num_reward_models: int) -> None:
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
     if isinstance(row.get("prompt"), str) == isinstance(row.get("messages"), list):
         raise ValueError('a row needs exactly one of "prompt" (a string) or "messages" (a list)')
-    guidance = {k: row[k] for k in ("beta", "weights") if k in row}
-    # Placeholder defaults: only the row's own values are checked here.
-    resolve_guidance([guidance], 1, 1.0, [1.0] * num_reward_models)
+    if "beta" in row:
+        check_beta(row["beta"])
+    if "weights" in row:
+        check_weights(row["weights"], num_reward_models)
 
 
 def completed_rows(output: Path, rows: list[dict]) -> int:

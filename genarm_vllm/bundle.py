@@ -12,8 +12,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from genarm_vllm.config import ARCHITECTURE
 from genarm_vllm.mixing import check_guidance
-from genarm_vllm.model import ARCHITECTURE
 
 
 def guidance_overrides(

@@ -84,20 +84,24 @@ def cmd_pack(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
-    from vllm import SamplingParams
-
     from genarm_vllm.batch_job import completed_rows, read_rows, run_job
     from genarm_vllm.bundle import read_bundle
+    from genarm_vllm.mixing import check_weights
 
-    kwargs = engine_kwargs(vllm_args)  # bad engine flags fail before any work
     bundle = read_bundle(args.base)
     num_reward_models = len(args.reward_model or (bundle or {}).get("genarm_reward_models") or [])
     if not num_reward_models:
         raise ValueError("give at least one --reward-model (or a bundle as --base)")
+    if args.weights is not None:
+        check_weights(args.weights, num_reward_models, "--weights")
+    # Bad rows and flags fail before the (slow) engine start.
     rows = read_rows(args.input, num_reward_models)
     if completed_rows(Path(args.output), rows) == len(rows):
         print(f"{args.output} already holds all {len(rows)} rows; nothing to do")
         return 0
+    kwargs = engine_kwargs(vllm_args)
+    from vllm import SamplingParams
+
     sampling_params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from genarm_vllm.bundle import guidance_overrides, read_bundle
+from genarm_vllm.config import GuidanceConfig
 from genarm_vllm.logits_processor import (
     BETA_KEY,
     WEIGHTS_KEY,
@@ -14,7 +15,6 @@ from genarm_vllm.logits_processor import (
     request_guidance,
 )
 from genarm_vllm.mixing import resolve_guidance
-from genarm_vllm.model import GuidanceConfig
 from genarm_vllm.validation import check_reward_models
 
 

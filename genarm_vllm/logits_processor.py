@@ -28,8 +28,9 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
+from genarm_vllm.config import ARCHITECTURE, GuidanceConfig
 from genarm_vllm.mixing import check_beta, check_weights
-from genarm_vllm.model import ARCHITECTURE, GuidanceConfig, latest_step_logits
+from genarm_vllm.model import latest_step_logits
 
 logger = logging.getLogger(__name__)
 

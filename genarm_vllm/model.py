@@ -8,18 +8,13 @@ hidden states side by side; `compute_logits` splits them, mixes with the engine'
 guidance, and publishes the raw logits of this step for `GenARMLogitsProcessor`, which
 re-mixes the rows of requests that carry their own guidance.
 
-Selected through the hf_config (a bundle folder's config.json, or hf_overrides):
-    architectures            ["GenARMForCausalLM"]
-    genarm_base_architectures   the base model's own architectures, e.g. ["LlamaForCausalLM"]
-    genarm_reward_models     [path, ...] reward model folders, in weight order
-    genarm_beta              default beta (1.0)
-    genarm_weights           default weight per reward model (1.0 each)
+Selected through the hf_config fields described in genarm_vllm/config.py.
 """
 
 from __future__ import annotations
 
 import string
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -31,47 +26,9 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model
 
-from genarm_vllm.mixing import check_beta, check_weights, mix_logprobs
+from genarm_vllm.config import ARCHITECTURE, GuidanceConfig
+from genarm_vllm.mixing import mix_logprobs
 from genarm_vllm.validation import check_reward_models, tokenizer_length
-
-ARCHITECTURE = "GenARMForCausalLM"
-
-
-@dataclass
-class GuidanceConfig:
-    """The GenARM fields of a composite model's hf_config, validated."""
-
-    base_architectures: list[str]
-    reward_models: list[str]
-    beta: float
-    weights: list[float]
-
-    @classmethod
-    def from_fields(cls, fields: Mapping[str, object]) -> GuidanceConfig:
-        """From the genarm_* fields (a bundle's config.json or hf_overrides)."""
-        reward_models = [str(p) for p in fields.get("genarm_reward_models") or []]
-        if not reward_models:
-            raise ValueError(
-                f"{ARCHITECTURE} needs genarm_reward_models (a list of reward model folders) "
-                "in its config"
-            )
-        weights = fields.get("genarm_weights")
-        return cls(
-            base_architectures=list(fields.get("genarm_base_architectures") or []),
-            reward_models=reward_models,
-            beta=check_beta(fields.get("genarm_beta", 1.0), "genarm_beta"),
-            weights=check_weights(
-                [1.0] * len(reward_models) if weights is None else weights,
-                len(reward_models),
-                "genarm_weights",
-            ),
-        )
-
-    @classmethod
-    def from_hf_config(cls, hf_config) -> GuidanceConfig:
-        return cls.from_fields(
-            {k: v for k, v in vars(hf_config).items() if k.startswith("genarm_")}
-        )
 
 
 @dataclass

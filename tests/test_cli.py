@@ -1,0 +1,166 @@
+"""`genarm-vllm pack` / `generate` as users run them, and the batch job's resume logic."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vllm import SamplingParams
+
+from genarm_vllm.batch_job import run_job
+from genarm_vllm.cli import main
+from genarm_vllm.testing import build_model, build_tokenizer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+ROWS = [
+    {"id": 1, "prompt": "the cat sat on"},
+    {"id": 2, "prompt": "a dog", "beta": 0.3},
+    {"id": 3, "messages": [{"role": "user", "content": "happy sun"}], "weights": [0.0]},
+    {"id": 4, "prompt": "we love green trees", "beta": 2.0, "weights": [-1.0]},
+    {"id": 5, "prompt": "she saw the big red car"},
+]
+
+
+def cli(*args, env=None, check=False):
+    result = subprocess.run(
+        [sys.executable, "-m", "genarm_vllm.cli", *map(str, args)],
+        capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr[-3000:])
+    return result
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_pack_writes_a_bundle_plain_vllm_loads(tiny, engine, tmp_path):
+    bundle = tmp_path / "bundle"
+    cli("pack", "--base", tiny["base"], "--reward-model", tiny["arm_small"], "--beta", "0.5",
+        "--out", bundle, check=True)
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["architectures"] == ["GenARMForCausalLM"]
+    assert config["genarm_reward_models"] == [str(Path(tiny["arm_small"]).resolve())]
+    assert (config["genarm_beta"], config["genarm_weights"]) == (0.5, [1.0])
+    weights = bundle / "model.safetensors"
+    assert weights.is_symlink() and weights.resolve() == (tiny["base"] / "model.safetensors").resolve()
+    # Plain vLLM, no GenARM code named: the plugin registers the architecture.
+    plain = engine("bundle", plain=True, model=str(bundle))
+    guided = engine("arm_small", ["arm_small"], beta=0.5)
+    prompts = [r["prompt"] for r in ROWS if "prompt" in r]
+    got = [list(o.outputs[0].token_ids) for o in plain.generate(prompts, GREEDY)]
+    assert got == [list(o.outputs[0].token_ids) for o in guided.generate(prompts, GREEDY)]
+
+
+def run_main(capsys, *args):
+    """The CLI in this process (error paths: no engine, no slow interpreter start)."""
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_pack_refuses_bad_input(tiny, tmp_path, capsys):
+    other_tok = build_tokenizer(tmp_path / "tok", extra_words=("zebra",))
+    other = build_model(tmp_path / "other", other_tok)
+    code, err = run_main(capsys, "pack", "--base", tiny["base"], "--reward-model", other,
+                         "--out", tmp_path / "b")
+    assert code == 2 and "different tokenizer" in err
+    code, err = run_main(capsys, "pack", "--base", tiny["base"], "--reward-model",
+                         tiny["arm_small"], "--weights", "1,2", "--out", tmp_path / "b")
+    assert code == 2 and "one entry per reward model" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_generate_cli_matches_python_api(tiny, engine, tmp_path):
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    outfile = tmp_path / "out.jsonl"
+    # As a user runs it: default vLLM multiprocessing, engine flags passed through.
+    result = cli("generate", "--base", tiny["base"], "--reward-model", tiny["arm_small"],
+                 "--beta", "0.5", "--input", infile, "--output", outfile,
+                 "--temperature", "0", "--max-tokens", "12", "--ignore-eos",
+                 "--max-model-len", "256", "--enforce-eager", "--dtype", "float32",
+                 env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = read_jsonl(outfile)
+    assert [{k: r[k] for k in row} for r, row in zip(out, ROWS)] == ROWS
+    assert all(r["finish_reason"] == "length" and len(r["generated_token_ids"]) == 12 for r in out)
+
+    guided = engine("arm_small", ["arm_small"], beta=0.5)
+    tokenizer = guided.get_tokenizer()
+    chat = tokenizer.apply_chat_template(ROWS[2]["messages"], add_generation_prompt=True,
+                                         tokenize=False)
+    chat_ids = {"prompt_token_ids": tokenizer(chat, add_special_tokens=False).input_ids}
+    prompts = [r.get("prompt") or chat_ids for r in ROWS]
+    guidance = [{k: r[k] for k in ("beta", "weights") if k in r} or None for r in ROWS]
+    want = guided.generate(prompts, GREEDY, guidance=guidance)
+    assert [r["generated_token_ids"] for r in out] == [list(o.outputs[0].token_ids) for o in want]
+    assert [r["generated_text"] for r in out] == [o.outputs[0].text for o in want]
+
+    # A finished job is a no-op that starts no engine.
+    again = cli("generate", "--base", tiny["base"], "--reward-model", tiny["arm_small"],
+                "--input", infile, "--output", outfile)
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert read_jsonl(outfile) == out
+
+
+def test_interrupted_job_resumes_without_duplicates(tiny, engine, tmp_path):
+    llm = engine("arm_small", ["arm_small"], beta=0.5)
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    full = tmp_path / "full.jsonl"
+    run_job(llm, infile, full, GREEDY, chunk_size=2, progress=False)
+
+    class Interrupted(Exception):
+        pass
+
+    calls = []
+
+    class FailsOnSecondChunk:
+        reward_models = llm.reward_models
+        get_tokenizer = llm.get_tokenizer
+
+        def generate(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise Interrupted
+            return llm.generate(*args, **kwargs)
+
+    partial = tmp_path / "partial.jsonl"
+    with pytest.raises(Interrupted):
+        run_job(FailsOnSecondChunk(), infile, partial, GREEDY, chunk_size=2, progress=False)
+    assert len(read_jsonl(partial)) == 2
+    with open(partial, "a") as f:  # a torn line, as a kill mid-write leaves
+        f.write('{"id": 3, "prompt": "hap')
+    assert run_job(llm, infile, partial, GREEDY, chunk_size=2, progress=False) == 3
+    assert partial.read_text() == full.read_text()
+
+
+def test_generate_cli_errors(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\nnot json\n{"prompt": "x", "beta": -1}\n')
+    base_args = ["generate", "--base", tiny["base"], "--reward-model", tiny["arm_small"],
+                 "--output", tmp_path / "out.jsonl"]
+    code, err = run_main(capsys, *base_args, "--input", bad)
+    assert code == 2
+    for line in ("line 2: a row needs exactly one of", "line 3: not valid JSON",
+                 "line 4: beta must be a finite number > 0"):
+        assert line in err
+    assert not (tmp_path / "out.jsonl").exists()
+    good = write_jsonl(tmp_path / "good.jsonl", ROWS)
+    code, err = run_main(capsys, *base_args, "--input", good, "--weights", "1,1")
+    assert code == 2 and "one entry per reward model" in err
+    code, err = run_main(capsys, *base_args, "--input", good, "--max-model-len", "100000")
+    assert code == 2 and "exceeds reward model" in err
+    with pytest.raises(SystemExit):
+        main([str(a) for a in [*base_args, "--input", good, "--no-such-vllm-flag"]])
+    assert "no-such-vllm-flag" in capsys.readouterr().err
+    # As a user sees it: a non-zero exit and the message.
+    result = cli(*base_args, "--input", bad)
+    assert result.returncode == 2 and "line 4: beta must be" in result.stderr
