@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=512,
                    help="rows per engine call; output is saved after each chunk (512)")
     p.set_defaults(func=cmd_generate, takes_vllm_args=True)
+
+    from genarm_vllm import train
+
+    train.add_cli(sub)
     return parser
 
 

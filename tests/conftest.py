@@ -27,20 +27,25 @@ ENGINE_DEFAULTS = dict(enforce_eager=True, max_model_len=256, dtype="float32")
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """engine(key, reward_models=[names], **kwargs) -> a cached GuidedLLM (or plain LLM)."""
+    """engine(key, arms=[tiny names], **kwargs) -> a GuidedLLM cached for the session.
 
-    def get(key, arms=(), plain=False, **kwargs):
+    plain=True gives a plain vllm.LLM (model= defaults to the tiny base); base= and
+    reward_paths= take model folders other than the tiny family.
+    """
+
+    def get(key, arms=(), plain=False, base=None, reward_paths=None, **kwargs):
         if key not in _ENGINES:
             kwargs = {**ENGINE_DEFAULTS, **kwargs}
             if plain:
                 from vllm import LLM
 
-                model = kwargs.pop("model", str(tiny["base"]))
+                model = kwargs.pop("model", str(base or tiny["base"]))
                 _ENGINES[key] = LLM(model=model, **kwargs)
             else:
                 from genarm_vllm import GuidedLLM
 
-                _ENGINES[key] = GuidedLLM(tiny["base"], [tiny[a] for a in arms], **kwargs)
+                reward_paths = reward_paths or [tiny[a] for a in arms]
+                _ENGINES[key] = GuidedLLM(base or tiny["base"], reward_paths, **kwargs)
         return _ENGINES[key]
 
     return get
