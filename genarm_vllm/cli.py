@@ -115,6 +115,20 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
+    from genarm_vllm.serve import serve
+
+    model = args.base
+    if vllm_args and not vllm_args[0].startswith("-"):
+        if model is not None:
+            raise ValueError(f"give a bundle ({vllm_args[0]}) or --base, not both")
+        model = vllm_args.pop(0)
+    if model is None:
+        raise ValueError("give a bundle folder as the first argument, or --base and --reward-model")
+    serve(model, args.reward_model, args.beta, args.weights, vllm_args)
+    return 0  # not reached: serve() execs the vLLM server
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genarm-vllm",
@@ -151,6 +165,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=512,
                    help="rows per engine call; output is saved after each chunk (512)")
     p.set_defaults(func=cmd_generate, takes_vllm_args=True)
+
+    p = sub.add_parser(
+        "serve", help="vLLM's OpenAI-compatible server with GenARM guidance",
+        usage="genarm-vllm serve (BUNDLE | --base B --reward-model R ...) [--beta] [--weights] "
+        "[vLLM server flags]", allow_abbrev=False,
+        description="Start vLLM's own OpenAI-compatible server on a GenARM model: a bundle "
+        "folder (first argument) or --base plus --reward-model. Every other flag is a vLLM "
+        "server flag (--host, --port, --max-model-len, --tensor-parallel-size, ...). "
+        'Per-request guidance: the body field "vllm_xargs": {"genarm_beta": 0.5, '
+        '"genarm_weights": [1.0, 0.3]}.',
+    )
+    p.add_argument("--base", default=None,
+                   help="base model folder (instead of a bundle as first argument)")
+    p.add_argument("--reward-model", action="append", default=None, metavar="PATH",
+                   help="reward model (ARM) folder; repeat for several (order = weights order)")
+    p.add_argument("--beta", type=float, default=None, help="default beta > 0 (bundle's or 1.0)")
+    p.add_argument("--weights", type=parse_weights, default=None,
+                   help="default weight per reward model, comma separated (bundle's or 1 each)")
+    p.set_defaults(func=cmd_serve, takes_vllm_args=True)
 
     from genarm_vllm import train
 

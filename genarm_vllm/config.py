@@ -16,6 +16,9 @@ from dataclasses import dataclass
 
 from genarm_vllm.mixing import check_beta, check_weights
 
+# Set by `genarm-vllm serve` for vLLM's API server processes (see logits_processor.py).
+NUM_REWARD_MODELS_ENV = "GENARM_NUM_REWARD_MODELS"
+
 ARCHITECTURE = "GenARMForCausalLM"
 
 
@@ -54,3 +57,18 @@ class GuidanceConfig:
         return cls.from_fields(
             {k: v for k, v in vars(hf_config).items() if k.startswith("genarm_")}
         )
+
+
+def engine_defaults() -> dict:
+    """vLLM engine settings GenARM engines use unless the user sets them.
+
+    logprobs_mode: returned logprobs are those of each request's own guided
+    distribution (vLLM's default "raw_logprobs" would show the engine-default mix).
+    dtype: vLLM's "auto" picks bfloat16 on CPU, which is slow without AVX-512.
+    """
+    import torch
+
+    defaults = {"logprobs_mode": "processed_logprobs"}
+    if not torch.cuda.is_available():
+        defaults["dtype"] = "float32"
+    return defaults

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from genarm_vllm.bundle import guidance_overrides, read_bundle
-from genarm_vllm.config import GuidanceConfig
+from genarm_vllm.config import GuidanceConfig, engine_defaults
 from genarm_vllm.logits_processor import (
     BETA_KEY,
     WEIGHTS_KEY,
@@ -28,11 +28,10 @@ class GuidedLLM:
         beta: default beta (> 0): smaller means stronger guidance.
         weights: default weight per reward model (None: 1.0 each).
         **vllm_engine_kwargs: anything `vllm.LLM` takes (max_model_len, tensor_parallel_size,
-            enforce_eager, gpu_memory_utilization, ...). On a machine without a GPU, dtype
-            defaults to float32 (vLLM's "auto" picks bfloat16 on CPU, slow without AVX-512).
-
-    Returned logprobs (SamplingParams.logprobs) are those of each request's own guided
-    distribution: logprobs_mode defaults to "processed_logprobs" here.
+            enforce_eager, gpu_memory_utilization, ...). Defaults differ from vLLM's in
+            two places (see config.engine_defaults): logprobs_mode="processed_logprobs",
+            so returned logprobs are each request's own guided distribution, and on a
+            machine without a GPU dtype="float32".
     """
 
     def __init__(
@@ -79,9 +78,7 @@ class GuidedLLM:
         kwargs = dict(vllm_engine_kwargs)
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **fields}
         kwargs["logits_processors"] = [GenARMLogitsProcessor, *(kwargs.get("logits_processors") or [])]
-        kwargs.setdefault("logprobs_mode", "processed_logprobs")
-        if not _has_cuda():
-            kwargs.setdefault("dtype", "float32")
+        kwargs = {**engine_defaults(), **kwargs}
         self.llm = LLM(model=base, **kwargs)
 
     def get_tokenizer(self):
@@ -126,9 +123,3 @@ def _with_guidance(params, beta: float, weights: list[float]):
     params = params.clone()
     params.extra_args = {**(params.extra_args or {}), BETA_KEY: beta, WEIGHTS_KEY: weights}
     return params
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

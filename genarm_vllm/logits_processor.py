@@ -20,6 +20,7 @@ vLLM picks (`--logits-processors genarm_vllm.logits_processor:GenARMLogitsProces
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from vllm.sampling_params import SamplingParams
@@ -28,7 +29,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from genarm_vllm.config import ARCHITECTURE, GuidanceConfig
+from genarm_vllm.config import ARCHITECTURE, NUM_REWARD_MODELS_ENV, GuidanceConfig
 from genarm_vllm.mixing import check_beta, check_weights
 from genarm_vllm.model import latest_step_logits
 
@@ -82,15 +83,14 @@ def remix(
 class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
     """Applies a request's own `genarm_beta` / `genarm_weights` (see module doc)."""
 
-    # Request admission runs in the frontend process, where validate_params gets no
-    # config. `genarm-vllm serve` (one model per process) sets the reward model count
-    # here so a wrong-length genarm_weights is refused at admission; GuidedLLM checks
-    # requests itself, as several engines may share its process.
-    num_reward_models: int | None = None
-
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        request_guidance(sampling_params, cls.num_reward_models)
+        # Request admission runs in the API server process, where this hook gets no
+        # config: `genarm-vllm serve` passes the reward model count in the environment
+        # (inherited by every API server process), so a wrong-length genarm_weights is
+        # refused with HTTP 400. GuidedLLM checks requests itself.
+        count = os.environ.get(NUM_REWARD_MODELS_ENV)
+        request_guidance(sampling_params, int(count) if count else None)
 
     def __init__(self, vllm_config, *runner_args):
         # V1 passes (device, is_pin_memory); V2 passes (req_states).

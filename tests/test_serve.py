@@ -1,0 +1,193 @@
+"""`genarm-vllm serve`: a real vLLM OpenAI-compatible server process on 127.0.0.1."""
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import psutil
+import pytest
+import requests
+from vllm import SamplingParams
+
+ARMS = ["arm_small", "arm_qwen2"]
+PROMPTS = ["the cat sat on", "a dog", "we love green trees", "she saw the big red car"]
+GUIDANCE = [
+    {"genarm_beta": 0.5, "genarm_weights": [1.0, -0.5]},
+    {"genarm_beta": 2.0, "genarm_weights": [0.0, 1.0]},
+    {"genarm_weights": [0.0, 0.0]},
+    {"genarm_beta": 0.3},
+]
+MAX_TOKENS = 10
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    """A GenARM server started as a user would; stopped with SIGTERM at the end."""
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the server's normal mode
+    cmd = [sys.executable, "-m", "genarm_vllm.cli", "serve", "--base", str(tiny["base"]),
+           *[a for arm in ARMS for a in ("--reward-model", str(tiny[arm]))],
+           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
+           "--enforce-eager", "--served-model-name", "genarm-tiny"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while True:
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            log.seek(0)
+            proc.kill()
+            pytest.fail("server did not start:\n" + log.read()[-5000:])
+        time.sleep(1)
+    yield proc, url, log
+    if proc.poll() is None:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key="none", max_retries=0)
+
+
+def complete(client, prompt, xargs=None, **kwargs):
+    extra = {"return_token_ids": True}
+    if xargs is not None:
+        extra["vllm_xargs"] = xargs
+    return client.completions.create(model="genarm-tiny", prompt=prompt, max_tokens=MAX_TOKENS,
+                                     temperature=0, extra_body=extra, **kwargs)
+
+
+def offline(engine, prompts, guidance):
+    """The same requests through GuidedLLM in this process (same reward models).
+
+    Keys a request leaves out take the server's defaults (beta 1, weights [1, 1]).
+    """
+    llm = engine("small+qwen2", ARMS, beta=0.7, weights=[1.0, -0.5])
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    per_prompt = [{"beta": g.get("genarm_beta", 1.0), "weights": g.get("genarm_weights", [1.0, 1.0])}
+                  for g in guidance]
+    return [list(o.outputs[0].token_ids)
+            for o in llm.generate(prompts, params, guidance=per_prompt, use_tqdm=False)]
+
+
+def test_completions_match_offline_engine(client, engine):
+    got = [complete(client, p, g).choices[0].token_ids for p, g in zip(PROMPTS, GUIDANCE)]
+    assert got == offline(engine, PROMPTS, GUIDANCE)
+    # No vllm_xargs: the server's defaults (beta 1, weights [1, 1]).
+    assert complete(client, PROMPTS[0]).choices[0].token_ids == offline(engine, PROMPTS[:1], [{}])[0]
+
+
+def test_chat_and_streaming(client):
+    messages = [{"role": "user", "content": "the cat sat on"}]
+    chat = client.chat.completions.create(
+        model="genarm-tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"vllm_xargs": GUIDANCE[0]})
+    text = chat.choices[0].message.content
+    assert text and chat.usage.completion_tokens == MAX_TOKENS
+    stream = client.chat.completions.create(
+        model="genarm-tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+        stream=True, extra_body={"vllm_xargs": GUIDANCE[0]})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    unguided = client.chat.completions.create(
+        model="genarm-tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
+        extra_body={"vllm_xargs": GUIDANCE[2]})
+    assert unguided.choices[0].message.content != text  # guidance changes the answer
+
+    plain = complete(client, PROMPTS[1], GUIDANCE[1]).choices[0].text
+    stream = complete(client, PROMPTS[1], GUIDANCE[1], stream=True)
+    assert "".join(c.choices[0].text for c in stream) == plain
+
+
+def test_requests_in_flight_at_once_keep_their_own_guidance(client, engine):
+    want = offline(engine, [PROMPTS[0]] * 2, GUIDANCE[:2])
+    assert want[0] != want[1]
+    barrier, results = threading.Barrier(2), [None, None]
+
+    def run(i):
+        barrier.wait()
+        results[i] = complete(client, PROMPTS[0], GUIDANCE[i]).choices[0].token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == want
+
+
+@pytest.mark.parametrize("xargs, key", [
+    ({"genarm_beta": 0}, "genarm_beta"),
+    ({"genarm_beta": -1.0}, "genarm_beta"),
+    ({"genarm_beta": math.nan}, "genarm_beta"),
+    ({"genarm_beta": "0.5"}, "genarm_beta"),
+    ({"genarm_weights": [1.0]}, "genarm_weights"),
+    ({"genarm_weights": [1.0, 2.0, 3.0]}, "genarm_weights"),
+    ({"genarm_weights": "1,2"}, "genarm_weights"),
+    ({"genarm_weights": [1.0, math.inf]}, "genarm_weights"),
+])
+def test_bad_guidance_is_http_400_and_server_keeps_serving(server, client, xargs, key):
+    # Raw HTTP: the openai client refuses to send NaN / Infinity, other clients do not.
+    body = json.dumps({"model": "genarm-tiny", "prompt": PROMPTS[0], "max_tokens": 4,
+                       "vllm_xargs": xargs})
+    response = requests.post(server[1] + "/v1/completions", data=body, timeout=60,
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert key in response.json()["error"]["message"]
+    assert len(complete(client, PROMPTS[0], GUIDANCE[0]).choices[0].token_ids) == MAX_TOKENS
+
+
+def test_bounded_load_with_a_client_that_disconnects(server, client, engine):
+    url = server[1]
+    jobs = [(PROMPTS[i % 4], GUIDANCE[(i // 4) % 4]) for i in range(64)]
+    want = {(p, str(g)): t for p, g, t in zip(
+        [p for p, _ in jobs[:16]], [g for _, g in jobs[:16]],
+        offline(engine, [p for p, _ in jobs[:16]], [g for _, g in jobs[:16]]))}
+
+    def disconnecting_client():
+        # Streams a long completion and hangs up after a few chunks.
+        with requests.post(url + "/v1/completions", stream=True, timeout=60, json={
+                "model": "genarm-tiny", "prompt": PROMPTS[0], "max_tokens": 200,
+                "ignore_eos": True, "stream": True, "vllm_xargs": GUIDANCE[0]}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 3:
+                    break
+
+    with ThreadPoolExecutor(8) as pool:
+        hangups = [pool.submit(disconnecting_client) for _ in range(2)]
+        futures = [pool.submit(complete, client, p, g) for p, g in jobs]
+        results = [f.result() for f in futures]
+        for h in hangups:
+            h.result()
+    assert len(results) == 64
+    for (prompt, guidance), result in zip(jobs, results):
+        assert result.choices[0].token_ids == want[(prompt, str(guidance))]
+    assert requests.get(url + "/health", timeout=5).status_code == 200
+
+
+def test_sigterm_stops_cleanly_without_children(server):
+    proc, url, log = server
+    children = psutil.Process(proc.pid).children(recursive=True)
+    assert children, "vLLM's server runs its engine in a child process"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) is not None
+    gone, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, [p.pid for p in alive]
