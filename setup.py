@@ -27,6 +27,9 @@ setup(
         "gpu": ["vllm>=0.32,<0.34"],
         "train": ["peft>=0.12", "datasets>=2.19", "accelerate>=0.30"],
         "test": ["pytest>=8", "pytest-timeout", "openai>=1.40", "requests"],
+        # Scale-out: the batch job on a Ray cluster (`genarm-vllm generate --ray`) and
+        # vLLM's Ray executor for tensor-parallel engines across GPUs.
+        "ray": ["ray[data]>=2.40"],
     },
     entry_points={
         "console_scripts": ["genarm-vllm=genarm_vllm.cli:main"],
