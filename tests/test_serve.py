@@ -55,12 +55,25 @@ def server(tiny, tmp_path_factory):
             pass
         if proc.poll() is not None or time.time() > deadline:
             log.seek(0)
-            proc.kill()
+            stop_tree(proc)
             pytest.fail("server did not start:\n" + log.read()[-5000:])
         time.sleep(1)
     yield proc, url, log
-    if proc.poll() is None:
+    stop_tree(proc)
+
+
+def stop_tree(proc):
+    """SIGTERM the server; kill whatever of its process tree is left (no orphans)."""
+    if proc.poll() is not None:
+        return
+    children = psutil.Process(proc.pid).children(recursive=True)
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
         proc.kill()
+    for child in psutil.wait_procs(children, timeout=10)[1]:
+        child.kill()
 
 
 @pytest.fixture(scope="module")
