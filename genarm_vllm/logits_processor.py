@@ -6,7 +6,7 @@ beta / weights. A request may carry its own in `SamplingParams.extra_args`
 
     {"genarm_beta": 0.5, "genarm_weights": [1.0, 0.3]}
 
-and this processor re-mixes that request's rows from the step's raw logits.
+and this processor re-mixes that request's rows from the step's log-probs.
 
 One class serves both vLLM model runners, so users name one class whatever runner their
 vLLM picks (`--logits-processors genarm_vllm.logits_processor:GenARMLogitsProcessor`):
@@ -64,7 +64,7 @@ def _length(value: object) -> int:
 def remix(
     logits: torch.Tensor, rows, beta: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
-    """`logits[rows]` re-mixed under per-row guidance.
+    """`logits[rows]` re-mixed under per-row guidance (from the step's log-probs).
 
     Whatever vLLM did to these rows since compute_logits (grammar and allowed-token
     masks, bad words, logit bias) is kept: it is the difference between the rows now and

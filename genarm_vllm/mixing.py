@@ -6,9 +6,11 @@ i.e. pi_dec proportional to pi_base * prod_i pi_arm_i^(w_i / beta) (GenARM, ICLR
 and the official code's model-arithmetic formula). Temperature, top-k and top-p are the
 sampler's job and act on z afterwards, exactly as the official code does.
 
-Everything that decodes with GenARM (the vLLM engine, the Hugging Face reference
-decoder, benchmarks, tests) calls `mix_logprobs`; `check_guidance` is the one
-validation of user-given beta / weights (with check_beta / check_weights).
+The rule itself is `combine_logprobs`; `mix_logprobs` applies it to raw logits and is
+what everything that decodes with GenARM calls (the vLLM engine, the Hugging Face
+reference decoder, benchmarks, tests). The engine keeps the normalised log-probs of a
+step (`vocab_logprobs`) so that per-request guidance only re-runs `combine_logprobs`.
+`check_guidance` is the one validation of user-given beta / weights.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def mix_logprobs(
     weights: torch.Tensor,
     vocab_size: int,
 ) -> torch.Tensor:
-    """GenARM mixed next-token scores, in float32.
+    """GenARM mixed next-token scores from raw logits, in float32.
 
     Args:
         base_logits: [N, Vb] base-model logits.
@@ -40,30 +42,48 @@ def mix_logprobs(
         [N, Vb] scores (unnormalised log-probabilities). Token ids >= V, and ids that a
         reward model with a non-zero weight does not have, are -inf.
     """
-    num_rows, base_width = base_logits.shape
-    if len(reward_logits) != weights.shape[-1]:
-        raise ValueError(
-            f"got {len(reward_logits)} reward-model logits but {weights.shape[-1]} weights per row"
-        )
-    width = min(vocab_size, base_width)
-    mixed = torch.full(
-        (num_rows, base_width), -math.inf, dtype=torch.float32, device=base_logits.device
+    width = base_logits.shape[-1]
+    return combine_logprobs(
+        vocab_logprobs(base_logits, vocab_size, width),
+        [vocab_logprobs(logits, vocab_size, width) for logits in reward_logits],
+        beta,
+        weights,
     )
-    mixed[:, :width] = torch.log_softmax(base_logits[:, :vocab_size].float(), dim=-1)[:, :width]
 
+
+def vocab_logprobs(logits: torch.Tensor, vocab_size: int, width: int) -> torch.Tensor:
+    """float32 log_softmax over a model's ids below the tokenizer length, as [N, width].
+
+    Columns the model does not have (its vocabulary is smaller) or that lie at or
+    beyond the tokenizer length are -inf.
+    """
+    logprobs = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
+    if logprobs.shape[-1] == width:
+        return logprobs
+    padded = logprobs.new_full((logprobs.shape[0], width), -math.inf)
+    shared = min(width, logprobs.shape[-1])
+    padded[:, :shared] = logprobs[:, :shared]
+    return padded
+
+
+def combine_logprobs(
+    base_logprobs: torch.Tensor,
+    reward_logprobs: Sequence[torch.Tensor],
+    beta: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """The GenARM rule on normalised log-probs (see vocab_logprobs):
+    base + sum_i (w_i / beta) * arm_i, per row."""
+    if len(reward_logprobs) != weights.shape[-1]:
+        raise ValueError(
+            f"got {len(reward_logprobs)} reward models but {weights.shape[-1]} weights per row"
+        )
     coefficients = weights.float() / beta.float().unsqueeze(-1)  # [N, K]
-    for i, logits in enumerate(reward_logits):
-        arm_width = min(vocab_size, logits.shape[-1])
-        arm_logprobs = torch.full_like(mixed[:, :width], -math.inf)
-        shared = min(width, arm_width)
-        arm_logprobs[:, :shared] = torch.log_softmax(
-            logits[:, :arm_width].float(), dim=-1
-        )[:, :shared]
+    mixed = base_logprobs.clone()
+    for i, logprobs in enumerate(reward_logprobs):
         coefficient = coefficients[:, i : i + 1]
         # A zero weight must leave the row untouched: 0 * -inf would be NaN.
-        mixed[:, :width] += torch.where(
-            coefficient == 0, 0.0, coefficient * arm_logprobs
-        )
+        mixed += torch.where(coefficient == 0, 0.0, coefficient * logprobs)
     return mixed
 
 

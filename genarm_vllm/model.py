@@ -5,7 +5,7 @@ manager gives every reward model (ARM) its own paged KV tensors under the same b
 table: continuous batching, chunked prefill, prefix caching and preemption cover all
 models at once. `forward` runs every sub-model on the same tokens and returns their
 hidden states side by side; `compute_logits` splits them, mixes with the engine's default
-guidance, and publishes the raw logits of this step for `GenARMLogitsProcessor`, which
+guidance, and keeps the step's normalised log-probs for `GenARMLogitsProcessor`, which
 re-mixes the rows of requests that carry their own guidance.
 
 Selected through the hf_config fields described in genarm_vllm/config.py.
@@ -27,25 +27,23 @@ from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model
 
 from genarm_vllm.config import ARCHITECTURE, GuidanceConfig
-from genarm_vllm.mixing import mix_logprobs
+from genarm_vllm.mixing import combine_logprobs, vocab_logprobs
 from genarm_vllm.validation import check_reward_models, tokenizer_length
 
 
 @dataclass
 class StepLogits:
-    """Raw logits of the latest compute_logits call, one row per logits row."""
+    """Normalised log-probs of the latest compute_logits call, one row per logits row."""
 
-    base: torch.Tensor
-    reward_models: list[torch.Tensor]
-    vocab_size: int
+    base: torch.Tensor  # [N, Vb]
+    reward_models: list[torch.Tensor]  # K x [N, Vb]
     default_beta: torch.Tensor  # [1]
     default_weights: torch.Tensor  # [1, K]
 
     def mix(self, rows, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """mix_logprobs over the selected rows with per-row beta [n] and weights [n, K]."""
-        return mix_logprobs(
-            self.base[rows], [arm[rows] for arm in self.reward_models], beta, weights,
-            self.vocab_size,
+        """The GenARM mix of the selected rows with per-row beta [n] and weights [n, K]."""
+        return combine_logprobs(
+            self.base[rows], [arm[rows] for arm in self.reward_models], beta, weights
         )
 
     def mix_defaults(self, rows) -> torch.Tensor:
@@ -164,8 +162,12 @@ class GenARMForCausalLM(nn.Module):
         reward_logits = [arm.compute_logits(h) for arm, h in zip(self.reward_models, parts[1:])]
         if base_logits is None:  # a tensor-parallel rank that does not sample
             return None
+        width = base_logits.shape[-1]
         _latest_step = StepLogits(
-            base_logits, reward_logits, self.vocab_size, self.default_beta, self.default_weights
+            vocab_logprobs(base_logits, self.vocab_size, width),
+            [vocab_logprobs(logits, self.vocab_size, width) for logits in reward_logits],
+            self.default_beta,
+            self.default_weights,
         )
         # float32: the sampler works in float32 anyway.
         return _latest_step.mix_defaults(slice(None))
