@@ -82,8 +82,11 @@ def combine_logprobs(
     mixed = base_logprobs.clone()
     for i, logprobs in enumerate(reward_logprobs):
         coefficient = coefficients[:, i : i + 1]
-        # A zero weight must leave the row untouched: 0 * -inf would be NaN.
-        mixed += torch.where(coefficient == 0, 0.0, coefficient * logprobs)
+        term = coefficient * logprobs
+        # Ids the reward model lacks stay impossible, whatever the weight's sign ...
+        term.masked_fill_(torch.isneginf(logprobs), -math.inf)
+        # ... unless its weight is zero: then the row is untouched (0 * -inf is NaN).
+        mixed += term.masked_fill_(coefficient == 0, 0.0)
     return mixed
 
 

@@ -16,11 +16,12 @@ def float64_mix(base, arms, beta, weights, vocab):
         for i, arm in enumerate(arms):
             a = arm[r, :vocab].double()
             lp = a - torch.logsumexp(a, 0)
-            missing = total.shape[0] - lp.shape[0]
-            lp = torch.cat([lp, torch.full((max(missing, 0),), -math.inf, dtype=torch.float64)])
             coef = weights[r, i].item() / beta[r].item()
-            if coef != 0:
-                total = total + coef * lp[: total.shape[0]]
+            if coef == 0:
+                continue
+            for j in range(total.shape[0]):
+                # an id the reward model lacks is impossible, whatever the sign of coef
+                total[j] = total[j] + coef * lp[j] if j < lp.shape[0] else -math.inf
         out[r, : total.shape[0]] = total
     return out
 
@@ -44,7 +45,7 @@ def test_matches_float64_by_hand(num_arms):
 def test_reward_model_with_smaller_vocab_masks_missing_ids():
     g = torch.Generator().manual_seed(0)
     base, arm = torch.randn(3, 40, generator=g), torch.randn(3, 30, generator=g)
-    beta, weights = torch.ones(3), torch.tensor([[1.0], [0.5], [0.0]])
+    beta, weights = torch.ones(3), torch.tensor([[1.0], [-0.5], [0.0]])  # negative: not +inf
     got = mix_logprobs(base, [arm], beta, weights, vocab_size=40)
     assert torch.isneginf(got[:2, 30:]).all()
     # zero weight: the missing ids stay finite (no 0 * -inf = NaN)
