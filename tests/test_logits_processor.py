@@ -1,0 +1,147 @@
+"""GenARMLogitsProcessor against vLLM's real V1 and V2 (Model Runner V2) interfaces.
+
+The V1 path also runs end to end in test_engine.py; Model Runner V2 (the GPU default in
+vLLM 0.33) cannot run on this CPU machine, so it is driven here through vLLM's own V2
+loader, LogitsProcRequestState and LogitsContext.
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
+from vllm.v1.worker.gpu.sample.logits_processor.loader import (
+    build_custom_logits_processors,
+    build_custom_logits_processors_params_validator,
+)
+
+import genarm_vllm.model as genarm_model
+from genarm_vllm.logits_processor import GenARMLogitsProcessor
+from genarm_vllm.mixing import mix_logprobs, vocab_logprobs
+
+VOCAB, WIDTH, DEFAULT_BETA, DEFAULT_WEIGHTS = 40, 44, 1.0, [1.0, 0.5]
+
+
+def vllm_config():
+    hf_config = SimpleNamespace(
+        architectures=["GenARMForCausalLM"], genarm_base_architectures=["LlamaForCausalLM"],
+        genarm_reward_models=["arm_a", "arm_b"], genarm_beta=DEFAULT_BETA,
+        genarm_weights=DEFAULT_WEIGHTS,
+    )
+    return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))
+
+
+def guided(beta=None, weights=None):
+    extra = {}
+    if beta is not None:
+        extra["genarm_beta"] = beta
+    if weights is not None:
+        extra["genarm_weights"] = weights
+    return SamplingParams(extra_args=extra or None)
+
+
+class Step:
+    """Random raw logits for `rows` rows, published as GenARMForCausalLM.compute_logits does."""
+
+    def __init__(self, rows, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.base = torch.randn(rows, WIDTH, generator=g) * 3
+        self.arms = [torch.randn(rows, WIDTH, generator=g) * 3,
+                     torch.randn(rows, VOCAB - 5, generator=g) * 3]  # a smaller vocabulary
+        genarm_model._latest_step = genarm_model.StepLogits(
+            vocab_logprobs(self.base, VOCAB, WIDTH),
+            [vocab_logprobs(a, VOCAB, WIDTH) for a in self.arms],
+            torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
+        )
+        # What compute_logits hands the sampler: every row mixed with the defaults.
+        self.logits = genarm_model._latest_step.mix_defaults(slice(None))
+
+    def expected(self, row, beta=DEFAULT_BETA, weights=DEFAULT_WEIGHTS):
+        return mix_logprobs(self.base[row : row + 1], [a[row : row + 1] for a in self.arms],
+                            torch.tensor([beta]), torch.tensor([weights]), VOCAB)[0]
+
+
+def test_v2_interface_through_vllms_loader():
+    req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8, vocab_size=WIDTH,
+                                 all_token_ids=None, prompt_len=None, prefill_len=None,
+                                 total_len=None)
+    [proc] = build_custom_logits_processors(vllm_config(), req_states, False,
+                                            (GenARMLogitsProcessor,))
+    assert proc.add_request(3, guided(0.5, [2.0, -1.0])) is True
+    assert proc.add_request(0, guided()) is False  # engine defaults: nothing to re-mix
+    assert proc.add_request(5, guided(weights=[0.0, 0.0])) is True
+
+    step = Step(rows=3)
+    slots = torch.tensor([5, 0, 3])  # rows are reordered every step
+    ctx = LogitsContext(
+        expanded_idx_mapping=slots, idx_mapping=slots, idx_mapping_np=slots.numpy(),
+        expanded_local_pos=torch.zeros(3, dtype=torch.long), input_ids=torch.zeros(3),
+        pos=torch.zeros(3), seq_lens_upper_bound_np=np.ones(3),
+    )
+    logits = step.logits.clone()
+    logits[2, 7] = -torch.inf  # a vLLM mask (e.g. structured output) applied before us
+    out = proc.apply(logits, ctx)
+    torch.testing.assert_close(out[0], step.expected(0, weights=[0.0, 0.0]))
+    torch.testing.assert_close(out[1], step.expected(1))
+    want = step.expected(2, 0.5, [2.0, -1.0])
+    want[7] = -torch.inf
+    torch.testing.assert_close(out[2], want)
+    assert not torch.isnan(out).any()
+
+    # A recycled slot forgets its previous occupant's guidance.
+    assert proc.add_request(3, guided()) is False
+    torch.testing.assert_close(proc.apply(step.logits.clone(), ctx)[2], step.expected(2))
+
+
+def test_v1_interface_follows_batch_updates():
+    proc = GenARMLogitsProcessor(vllm_config(), torch.device("cpu"), False)
+    assert proc.is_argmax_invariant() is False  # else greedy requests would skip it
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
+        (0, guided(), [1], []), (1, guided(0.25), [1], []), (2, guided(2.0, [1.0, 1.0]), [1], []),
+    ]))
+    step = Step(rows=3, seed=1)
+    out = proc.apply(step.logits.clone())
+    torch.testing.assert_close(out[0], step.expected(0))
+    torch.testing.assert_close(out[1], step.expected(1, 0.25))
+    torch.testing.assert_close(out[2], step.expected(2, 2.0, [1.0, 1.0]))
+
+    # vLLM condenses the batch: request 2 finishes, 0 and 1 swap places.
+    proc.update_state(BatchUpdate(batch_size=2, removed=[2], added=[],
+                                  moved=[(0, 1, MoveDirectionality.SWAP)]))
+    step = Step(rows=2, seed=2)
+    out = proc.apply(step.logits.clone())
+    torch.testing.assert_close(out[0], step.expected(0, 0.25))
+    torch.testing.assert_close(out[1], step.expected(1))
+
+    proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[],
+                                  moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))
+    step = Step(rows=1, seed=3)
+    logits = step.logits.clone()
+    assert proc.apply(logits) is logits and torch.equal(logits[0], step.expected(0))
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"genarm_beta": 0.0}, "genarm_beta must be a finite number > 0"),
+    ({"genarm_beta": float("nan")}, "genarm_beta must be a finite number > 0"),
+    ({"genarm_beta": "1"}, "genarm_beta must be a finite number > 0"),
+    ({"genarm_weights": [1.0, float("inf")]}, "genarm_weights must be finite numbers"),
+    ({"genarm_weights": "1,1"}, "genarm_weights must be a list"),
+    ({"genarm_weights": [1.0, 2.0, 3.0]}, r"genarm_weights must have one entry per reward model \(2\)"),
+])
+def test_admission_check_names_the_key(monkeypatch, extra, message):
+    monkeypatch.setenv("GENARM_NUM_REWARD_MODELS", "2")  # as `genarm-vllm serve` sets it
+    validate = build_custom_logits_processors_params_validator([GenARMLogitsProcessor])
+    with pytest.raises(VLLMValidationError, match=message):
+        validate(SamplingParams(extra_args=extra))
+    validate(SamplingParams(extra_args={"genarm_beta": 0.5, "genarm_weights": [1, 0]}))
+
+
+def test_refuses_a_model_that_is_not_genarm():
+    config = vllm_config()
+    config.model_config.hf_config.architectures = ["LlamaForCausalLM"]
+    with pytest.raises(ValueError, match="needs the GenARMForCausalLM model"):
+        GenARMLogitsProcessor(config, torch.device("cpu"), False)
