@@ -12,7 +12,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from genarm_vllm.config import ARCHITECTURE
+from genarm_vllm.config import ARCHITECTURE, GuidanceConfig
 from genarm_vllm.mixing import check_guidance
 
 
@@ -37,6 +37,39 @@ def guidance_overrides(
         "genarm_beta": beta,
         "genarm_weights": weights,
     }
+
+
+def genarm_fields(
+    model: str | os.PathLike,
+    reward_models: Sequence[str | os.PathLike] | None = None,
+    beta: float | None = None,
+    weights: Sequence[float] | None = None,
+) -> dict:
+    """The validated GenARM config fields for `model`.
+
+    `model` is a bundle (its own fields are the defaults; beta / weights override them)
+    or a base model folder, which then needs reward models.
+    """
+    bundle = read_bundle(model)
+    if bundle is None:
+        if not reward_models:
+            raise ValueError(f"{model} is not a GenARM bundle: give at least one reward model")
+        fields = guidance_overrides(model, reward_models, 1.0 if beta is None else beta, weights)
+    else:
+        fields = dict(bundle)
+        given = [str(Path(p).resolve()) for p in reward_models or []]
+        if given and given != fields["genarm_reward_models"]:
+            raise ValueError(
+                f"{model} is a bundle of {fields['genarm_reward_models']}; pass its base model "
+                "to use other reward models"
+            )
+        if beta is not None:
+            fields["genarm_beta"] = beta
+        if weights is not None:
+            fields["genarm_weights"] = weights
+    guidance = GuidanceConfig.from_fields(fields)
+    fields.update(genarm_beta=guidance.beta, genarm_weights=guidance.weights)
+    return fields
 
 
 def read_bundle(path: str | os.PathLike) -> dict | None:

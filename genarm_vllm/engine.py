@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
-from genarm_vllm.bundle import guidance_overrides, read_bundle
+from genarm_vllm.bundle import genarm_fields
 from genarm_vllm.config import GuidanceConfig, engine_defaults
 from genarm_vllm.logits_processor import (
     BETA_KEY,
@@ -45,28 +44,11 @@ class GuidedLLM:
         from vllm import LLM
 
         base = str(base)
-        bundle = read_bundle(base)
-        if bundle is None:
-            if not reward_models:
-                raise ValueError("GuidedLLM needs at least one reward model (reward_models=[...])")
-            fields = guidance_overrides(base, reward_models, 1.0 if beta is None else beta, weights)
-        else:  # a bundle: its own fields are the defaults
-            fields = dict(bundle)
-            given = [str(Path(p).resolve()) for p in reward_models or []]
-            if given and given != fields["genarm_reward_models"]:
-                raise ValueError(
-                    f"{base} is a bundle of {fields['genarm_reward_models']}; pass its base "
-                    "model to use other reward models"
-                )
-            if beta is not None:
-                fields["genarm_beta"] = beta
-            if weights is not None:
-                fields["genarm_weights"] = weights
+        fields = genarm_fields(base, reward_models, beta, weights)
         guidance = GuidanceConfig.from_fields(fields)
         self.reward_models, self.beta, self.weights = (
             guidance.reward_models, guidance.beta, guidance.weights
         )
-        fields.update(genarm_beta=self.beta, genarm_weights=self.weights)
         # Fail here, with a clear message, rather than inside the engine process.
         check_reward_models(
             base,

@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from genarm_vllm.bundle import guidance_overrides, read_bundle
+from genarm_vllm.bundle import genarm_fields
 from genarm_vllm.config import NUM_REWARD_MODELS_ENV, GuidanceConfig, engine_defaults
 
 LOGITS_PROCESSOR = "genarm_vllm.logits_processor:GenARMLogitsProcessor"
@@ -60,19 +60,7 @@ def server_argv(
     from genarm_vllm.validation import check_reward_models
 
     flags = _vllm_flags_we_read(vllm_args)
-    bundle = read_bundle(model)
-    if bundle is None:
-        if not reward_models:
-            raise ValueError("serve a bundle folder, or give --base and at least one --reward-model")
-        fields = guidance_overrides(model, reward_models, 1.0 if beta is None else beta, weights)
-    else:
-        if reward_models:
-            raise ValueError(f"{model} is a bundle: its reward models are fixed (pack a new one)")
-        fields = dict(bundle)
-        if beta is not None:
-            fields["genarm_beta"] = beta
-        if weights is not None:
-            fields["genarm_weights"] = weights
+    fields = genarm_fields(model, reward_models, beta, weights)
     guidance = GuidanceConfig.from_fields(fields)
     check_reward_models(
         model,
@@ -80,14 +68,11 @@ def server_argv(
         max_model_len=flags.max_model_len,
         tensor_parallel_size=flags.tensor_parallel_size,
     )
-    overrides = {**flags.hf_overrides}
-    if bundle is None or beta is not None or weights is not None:
-        overrides.update(fields, genarm_beta=guidance.beta, genarm_weights=guidance.weights)
+    overrides = {**flags.hf_overrides, **fields}
 
     argv = [sys.executable, "-m", SERVER_MODULE, "--model", model]
     argv += ["--logits-processors", LOGITS_PROCESSOR, *flags.logits_processors]
-    if overrides:
-        argv += ["--hf-overrides", json.dumps(overrides)]
+    argv += ["--hf-overrides", json.dumps(overrides)]
     for key, value in engine_defaults().items():
         flag = "--" + key.replace("_", "-")
         if not any(a.split("=")[0] == flag for a in vllm_args):
