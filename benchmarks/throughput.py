@@ -1,0 +1,300 @@
+"""Offline throughput: how close guided decoding gets to the cost of running the models at all.
+
+Same prompts, same fixed output lengths (ignore_eos) through:
+  (a) plain vLLM, base model only        (b) plain vLLM, ARM only
+  (c) the GenARM engine, base + ARM      (c_het) (c) with different guidance per request
+  (d) the Hugging Face reference decoder, batched
+  (e) the reference decoder at batch size 1 (how the official GenARM code runs)
+for each batch size (= requests submitted at once) and each ARM size (same as the base; a
+smaller ARM cut from the base's layers). Reports output tokens/s, (c) / the sum-of-parts
+bound 1 / (1/a + 1/b), (c) / (d), (c) / (e) and (c_het) / (c).
+
+    python benchmarks/throughput.py --quick --json artifacts/bench/quick.json
+    python benchmarks/throughput.py --json artifacts/bench/full.json      # the full sweep
+
+Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set), one thread,
+float32, eager mode (the settings are recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+
+
+def truncated_copy(model_dir: Path, num_layers: int, out: Path) -> Path:
+    """`model_dir` cut to its first `num_layers` layers: a smaller ARM of the same tokenizer.
+
+    For cost measurements only (a real small ARM would be trained, see README).
+    """
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.model.layers = model.model.layers[:num_layers]
+    model.config.num_hidden_layers = num_layers
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    return out
+
+
+def random_prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab_size) for _ in range(length)] for _ in range(count)]
+
+
+def vllm_tokens_per_s(llm, prompts, output_len, guidance=None) -> float:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    inputs = [{"prompt_token_ids": p} for p in prompts]
+    kwargs = {} if guidance is None else {"guidance": guidance}
+    start = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=False, **kwargs)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
+
+
+def reference_tokens_per_s(decoder, prompts, output_len, batch_size) -> float:
+    start = time.perf_counter()
+    outputs = decoder.generate(prompts, output_len, ignore_eos=True, batch_size=batch_size)
+    return sum(len(o) for o in outputs) / (time.perf_counter() - start)
+
+
+def heterogeneous_guidance(count: int, num_arms: int) -> list[dict]:
+    """A different beta and weights for every request."""
+    return [{"beta": 0.5 + 0.01 * i, "weights": [1.0 - 0.005 * i] * num_arms} for i in range(count)]
+
+
+def run(args) -> list[dict]:
+    from vllm import LLM
+
+    from genarm_vllm import GuidedLLM
+    from genarm_vllm.reference import ReferenceDecoder
+    from genarm_vllm.validation import tokenizer_length
+
+    base = Path(args.base) if args.base else _default_base()
+    arms = {"same": base}
+    if not args.quick:
+        arms["small"] = truncated_copy(base, args.small_layers, Path(args.work) / "arm_small")
+    vocab = tokenizer_length(str(base))
+    results = []
+    plain_base = LLM(model=str(base), **ENGINE_KWARGS)
+    keep_alive = [plain_base]  # a collected in-process engine breaks the others
+    for arm_name, arm in arms.items():
+        plain_arm = LLM(model=str(arm), **ENGINE_KWARGS) if arm != base else plain_base
+        guided = GuidedLLM(base, [arm], beta=1.0, **ENGINE_KWARGS)
+        keep_alive += [plain_arm, guided]
+        reference = ReferenceDecoder(base, [arm])
+        warm = random_prompts(vocab, 2, args.prompt_len, seed=99)
+        for llm in {id(x): x for x in (plain_base, plain_arm, guided)}.values():
+            vllm_tokens_per_s(llm, warm, 4)
+        for batch in args.batch_sizes:
+            prompts = random_prompts(vocab, batch, args.prompt_len, seed=batch)
+            row = {"arm": arm_name, "arm_path": str(arm), "batch": batch}
+            row["a_base_vllm"] = vllm_tokens_per_s(plain_base, prompts, args.output_len)
+            row["b_arm_vllm"] = vllm_tokens_per_s(plain_arm, prompts, args.output_len)
+            row["c_genarm"] = vllm_tokens_per_s(guided, prompts, args.output_len)
+            row["c_genarm_heterogeneous"] = vllm_tokens_per_s(
+                guided, prompts, args.output_len, heterogeneous_guidance(batch, 1)
+            )
+            # The HF decoder is slow: measure it on a bounded number of prompts.
+            row["d_reference_batched"] = reference_tokens_per_s(
+                reference, prompts[: args.reference_max_batch], args.output_len,
+                batch_size=args.reference_max_batch,
+            )
+            row["e_reference_batch1"] = reference_tokens_per_s(
+                reference, prompts[: args.batch1_prompts], args.output_len, batch_size=1
+            )
+            _add_ratios(row)
+            if args.profile and batch == max(args.batch_sizes):
+                row["profile_uniform"] = profile_breakdown(guided, prompts, args.output_len)
+                row["profile_heterogeneous"] = profile_breakdown(
+                    guided, prompts, args.output_len, heterogeneous_guidance(batch, 1))
+            results.append(row)
+            print(_format_row(row), flush=True)
+    return results
+
+
+class _Timer:
+    """Wraps a callable and adds up the seconds spent in it (CPU: calls are synchronous)."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def profile_breakdown(guided, prompts, output_len, guidance=None) -> dict:
+    """Where a GenARM generate call spends its time: base forward, ARM forwards, logits
+    (lm heads + log-softmax + default mix), the per-request re-mix, and the rest
+    (sampling, scheduling, input preparation, detokenization). In-process engines only."""
+    from vllm import SamplingParams
+
+    from genarm_vllm.logits_processor import GenARMLogitsProcessor
+
+    model = guided.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    parts = {"base_forward": model.base}
+    parts.update({f"{name}_forward": getattr(model, name) for name in model.reward_model_names})
+    timers = {}
+    for key, module in parts.items():
+        timers[key] = module.forward = _Timer(module.forward)
+    timers["compute_logits_and_mix"] = model.compute_logits = _Timer(model.compute_logits)
+    original_apply = GenARMLogitsProcessor.apply
+    timers["per_request_remix"] = remix = _Timer(original_apply)
+    GenARMLogitsProcessor.apply = lambda self, *a: remix(self, *a)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    try:
+        start = time.perf_counter()
+        guided.generate([{"prompt_token_ids": p} for p in prompts], params, guidance=guidance,
+                        use_tqdm=False)
+        total = time.perf_counter() - start
+    finally:
+        GenARMLogitsProcessor.apply = original_apply
+        for key, module in parts.items():
+            module.forward = timers[key].fn
+        model.compute_logits = timers["compute_logits_and_mix"].fn
+    seconds = {k: t.seconds for k, t in timers.items()}
+    seconds["sampling_scheduling_other"] = total - sum(seconds.values())
+    return {"total_s": total, **{k: {"s": v, "share": v / total} for k, v in seconds.items()}}
+
+
+def _add_ratios(row: dict) -> None:
+    bound = 1 / (1 / row["a_base_vllm"] + 1 / row["b_arm_vllm"])
+    row["sum_of_parts_bound"] = bound
+    row["c_over_bound"] = row["c_genarm"] / bound
+    row["c_over_d"] = row["c_genarm"] / row["d_reference_batched"]
+    row["c_over_e"] = row["c_genarm"] / row["e_reference_batch1"]
+    row["heterogeneous_over_uniform"] = row["c_genarm_heterogeneous"] / row["c_genarm"]
+
+
+COLUMNS = [
+    ("arm", "ARM", "{}"), ("batch", "batch", "{}"),
+    ("a_base_vllm", "(a) base tok/s", "{:.1f}"), ("b_arm_vllm", "(b) ARM tok/s", "{:.1f}"),
+    ("c_genarm", "(c) GenARM tok/s", "{:.1f}"),
+    ("c_over_bound", "(c)/bound", "{:.2f}"),
+    ("heterogeneous_over_uniform", "het/uniform", "{:.3f}"),
+    ("d_reference_batched", "(d) HF batched", "{:.1f}"),
+    ("e_reference_batch1", "(e) HF batch 1", "{:.1f}"),
+    ("c_over_d", "(c)/(d)", "{:.1f}"), ("c_over_e", "(c)/(e)", "{:.1f}"),
+]
+
+
+def _format_row(row: dict) -> str:
+    return "  ".join(f"{title}={fmt.format(row[key])}" for key, title, fmt in COLUMNS)
+
+
+def markdown_table(results: list[dict]) -> str:
+    lines = ["| " + " | ".join(t for _, t, _ in COLUMNS) + " |",
+             "|" + "---|" * len(COLUMNS)]
+    for row in results:
+        lines.append("| " + " | ".join(fmt.format(row[k]) for k, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = sorted({r["arm"] for r in results})
+    fig, axes = plt.subplots(1, len(arms), figsize=(6 * len(arms), 4.5), squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        rows = [r for r in results if r["arm"] == arm]
+        batches = [r["batch"] for r in rows]
+        for key, label in [("a_base_vllm", "(a) vLLM base only"), ("b_arm_vllm", "(b) vLLM ARM only"),
+                           ("sum_of_parts_bound", "sum-of-parts bound"),
+                           ("c_genarm", "(c) GenARM engine"),
+                           ("c_genarm_heterogeneous", "(c) per-request guidance"),
+                           ("d_reference_batched", "(d) HF reference, batched"),
+                           ("e_reference_batch1", "(e) HF reference, batch 1")]:
+            ax.plot(batches, [r[key] for r in rows], marker="o", label=label,
+                    linestyle="--" if key == "sum_of_parts_bound" else "-")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("requests at once")
+        ax.set_ylabel("output tokens / s")
+        ax.set_title(f"ARM: {arm}")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def _default_base() -> Path:
+    from genarm_vllm.demo.smollm2 import DEFAULT_DEST, prepare_smollm2
+
+    return prepare_smollm2(DEFAULT_DEST)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", help="base model folder (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--quick", action="store_true",
+                        help="batch sizes 1, 8, 64, ARM = base only, 32 output tokens (< 5 min)")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[1, 8, 32, 64, 128])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--small-layers", type=int, default=10,
+                        help="layers of the smaller ARM (cut from the base)")
+    parser.add_argument("--reference-max-batch", type=int, default=64,
+                        help="prompts (and batch size) of the batched HF reference")
+    parser.add_argument("--batch1-prompts", type=int, default=4,
+                        help="prompts run through the HF reference at batch size 1")
+    parser.add_argument("--work", default="artifacts/bench", help="output folder")
+    parser.add_argument("--json", help="write results as JSON here")
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip the time breakdown of the GenARM engine at the largest batch")
+    args = parser.parse_args()
+    if args.quick:
+        args.batch_sizes, args.output_len = [1, 8, 64], 32
+        args.batch1_prompts = 2
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    results = run(args)
+    report = {
+        "settings": {
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+            "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
+            "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"],
+            "engine": ENGINE_KWARGS, "prompt_len": args.prompt_len,
+            "output_len": args.output_len, "quick": args.quick,
+            "wall_s": round(time.time() - start, 1),
+        },
+        "results": results,
+    }
+    table = markdown_table(results)
+    print(table)
+    (work / "throughput.md").write_text(table)
+    plot(results, work / "throughput.png")
+    json_path = Path(args.json) if args.json else work / "throughput.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {json_path}, {work / 'throughput.md'}, {work / 'throughput.png'}")
+
+
+if __name__ == "__main__":
+    main()
