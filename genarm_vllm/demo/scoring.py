@@ -1,0 +1,55 @@
+"""Scorers for the demo, and bootstrap intervals of a mean.
+
+- VADER compound score (`vadersentiment`) in [-1, 1]: labels the ARM's training pairs.
+- AFINN (`afinn`): an independent word list (Nielsen 2011) that played no part in making
+  the training data; the score of a completion is the sum of its words' valences.
+Both are offline word-list scorers: no model download.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=1)
+def _vader():
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    return SentimentIntensityAnalyzer()
+
+
+@functools.lru_cache(maxsize=1)
+def _afinn():
+    from afinn import Afinn
+
+    return Afinn(language="en")
+
+
+def vader(text: str) -> float:
+    """VADER compound sentiment of `text`, -1 (negative) .. 1 (positive)."""
+    return float(_vader().polarity_scores(text)["compound"])
+
+
+def afinn(text: str) -> float:
+    """AFINN sentiment of `text`: the sum of its words' valences (-5 .. 5 each)."""
+    return float(_afinn().score(text))
+
+
+SCORERS = {"vader": vader, "afinn": afinn}
+
+
+def bootstrap_mean(
+    values: Sequence[float], resamples: int = 2000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """(mean, low, high): the mean and its percentile-bootstrap interval."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(means, [tail, 100 - tail])
+    return float(values.mean()), float(low), float(high)

