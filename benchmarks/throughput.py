@@ -265,12 +265,18 @@ def main() -> None:
                         help="prompts run through the HF reference at batch size 1")
     parser.add_argument("--work", default="artifacts/bench", help="output folder")
     parser.add_argument("--json", help="write results as JSON here")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the vLLM engines (enforce_eager=False); slower start-up")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the time breakdown of the GenARM engine at the largest batch")
     args = parser.parse_args()
     if args.quick:
         args.batch_sizes, args.output_len = [1, 8, 64], 32
         args.batch1_prompts = 2
+    if args.compile:
+        ENGINE_KWARGS["enforce_eager"] = False
+        # One compile cache per sub-model (else every start recompiles them all).
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -20,6 +20,7 @@ vLLM picks (`--logits-processors genarm_vllm.logits_processor:GenARMLogitsProces
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -30,7 +31,7 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from genarm_vllm.config import ARCHITECTURE, NUM_REWARD_MODELS_ENV, GuidanceConfig
-from genarm_vllm.mixing import check_beta, check_weights
+from genarm_vllm.mixing import check_beta, check_weights, combine_logprobs
 from genarm_vllm.model import latest_step_logits
 
 logger = logging.getLogger(__name__)
@@ -67,17 +68,30 @@ def remix(
     """`logits[rows]` re-mixed under per-row guidance (from the step's log-probs).
 
     Whatever vLLM did to these rows since compute_logits (grammar and allowed-token
-    masks, bad words, logit bias) is kept: it is the difference between the rows now and
-    the default mix, carried over onto the new mix.
+    masks, bad words, logit bias) is kept.
     """
     step = latest_step_logits()
     if step.base.shape[0] != logits.shape[0]:
         raise RuntimeError(
             f"GenARM: {logits.shape[0]} logits rows but the model computed {step.base.shape[0]}"
         )
-    guided = step.mix(rows, beta, weights)
-    default = step.mix_defaults(rows)
-    return torch.where(torch.isfinite(default), guided + (logits[rows] - default), guided)
+    current = logits[rows]
+    num_rows = current.shape[0]
+    if step.reward_models_cover_base():
+        # The request's mix minus the default mix is sum_i (w_i/beta - w0_i/beta0) * arm_i:
+        # the GenARM rule with those coefficients, applied on top of the current scores.
+        change = weights.float() / beta.float().unsqueeze(-1) - (
+            step.default_weights / step.default_beta.unsqueeze(-1)
+        )
+        return combine_logprobs(
+            current, [arm[rows] for arm in step.reward_models],
+            torch.ones(num_rows, device=current.device), change, step.width,
+        )
+    # A reward model lacks some ids: recompute both mixes; vLLM's edits are the
+    # difference between the current rows and the default mix (NaN where both are -inf).
+    edits = current - step.mix_defaults(rows)
+    return step.mix(rows, beta, weights) + edits.nan_to_num_(nan=0.0, posinf=math.inf,
+                                                             neginf=-math.inf)
 
 
 class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):

@@ -8,8 +8,8 @@ sampler's job and act on z afterwards, exactly as the official code does.
 
 The rule itself is `combine_logprobs`; `mix_logprobs` applies it to raw logits and is
 what everything that decodes with GenARM calls (the vLLM engine, the Hugging Face
-reference decoder, benchmarks, tests). The engine keeps the normalised log-probs of a
-step (`vocab_logprobs`) so that per-request guidance only re-runs `combine_logprobs`.
+reference decoder, benchmarks, tests). The engine keeps the log-probs of a step
+(`vocab_logprobs`) so that per-request guidance only re-runs `combine_logprobs`.
 `check_guidance` is the one validation of user-given beta / weights.
 """
 
@@ -42,28 +42,18 @@ def mix_logprobs(
         [N, Vb] scores (unnormalised log-probabilities). Token ids >= V, and ids that a
         reward model with a non-zero weight does not have, are -inf.
     """
-    width = base_logits.shape[-1]
     return combine_logprobs(
-        vocab_logprobs(base_logits, vocab_size, width),
-        [vocab_logprobs(logits, vocab_size, width) for logits in reward_logits],
+        vocab_logprobs(base_logits, vocab_size),
+        [vocab_logprobs(logits, vocab_size) for logits in reward_logits],
         beta,
         weights,
+        width=base_logits.shape[-1],
     )
 
 
-def vocab_logprobs(logits: torch.Tensor, vocab_size: int, width: int) -> torch.Tensor:
-    """float32 log_softmax over a model's ids below the tokenizer length, as [N, width].
-
-    Columns the model does not have (its vocabulary is smaller) or that lie at or
-    beyond the tokenizer length are -inf.
-    """
-    logprobs = torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
-    if logprobs.shape[-1] == width:
-        return logprobs
-    padded = logprobs.new_full((logprobs.shape[0], width), -math.inf)
-    shared = min(width, logprobs.shape[-1])
-    padded[:, :shared] = logprobs[:, :shared]
-    return padded
+def vocab_logprobs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """float32 log_softmax over a model's ids below the tokenizer length: [N, min(V, Vi)]."""
+    return torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
 
 
 def combine_logprobs(
@@ -71,22 +61,28 @@ def combine_logprobs(
     reward_logprobs: Sequence[torch.Tensor],
     beta: torch.Tensor,
     weights: torch.Tensor,
+    width: int,
 ) -> torch.Tensor:
-    """The GenARM rule on normalised log-probs (see vocab_logprobs):
-    base + sum_i (w_i / beta) * arm_i, per row."""
+    """The GenARM rule on log-probs (see vocab_logprobs): base + sum_i (w_i / beta) * arm_i.
+
+    Returns [N, width]; ids the base lacks, and ids a reward model with a non-zero weight
+    lacks, are -inf. A zero weight leaves the row exactly as the base has it.
+    """
     if len(reward_logprobs) != weights.shape[-1]:
         raise ValueError(
             f"got {len(reward_logprobs)} reward models but {weights.shape[-1]} weights per row"
         )
+    num_rows, base_width = base_logprobs.shape
+    mixed = base_logprobs.new_full((num_rows, width), -math.inf)
+    mixed[:, :base_width] = base_logprobs
     coefficients = weights.float() / beta.float().unsqueeze(-1)  # [N, K]
-    mixed = base_logprobs.clone()
     for i, logprobs in enumerate(reward_logprobs):
         coefficient = coefficients[:, i : i + 1]
-        term = coefficient * logprobs
-        # Ids the reward model lacks stay impossible, whatever the weight's sign ...
-        term.masked_fill_(torch.isneginf(logprobs), -math.inf)
-        # ... unless its weight is zero: then the row is untouched (0 * -inf is NaN).
-        mixed += term.masked_fill_(coefficient == 0, 0.0)
+        shared = min(base_width, logprobs.shape[-1])
+        # Log-probs of a model's own ids are finite, so a zero weight adds exactly 0.
+        mixed[:, :shared].addcmul_(logprobs[:, :shared], coefficient)
+        if shared < base_width:  # ids this reward model lacks: impossible unless weight 0
+            mixed[:, shared:base_width].masked_fill_(coefficient != 0, -math.inf)
     return mixed
 
 

@@ -33,17 +33,18 @@ from genarm_vllm.validation import check_reward_models, tokenizer_length
 
 @dataclass
 class StepLogits:
-    """Normalised log-probs of the latest compute_logits call, one row per logits row."""
+    """Log-probs (vocab_logprobs) of the latest compute_logits call, one row per logits row."""
 
-    base: torch.Tensor  # [N, Vb]
-    reward_models: list[torch.Tensor]  # K x [N, Vb]
+    base: torch.Tensor  # [N, min(V, Vb)]
+    reward_models: list[torch.Tensor]  # K x [N, min(V, Vi)]
+    width: int  # the base's logits width Vb, which the sampler expects
     default_beta: torch.Tensor  # [1]
     default_weights: torch.Tensor  # [1, K]
 
     def mix(self, rows, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The GenARM mix of the selected rows with per-row beta [n] and weights [n, K]."""
         return combine_logprobs(
-            self.base[rows], [arm[rows] for arm in self.reward_models], beta, weights
+            self.base[rows], [arm[rows] for arm in self.reward_models], beta, weights, self.width
         )
 
     def mix_defaults(self, rows) -> torch.Tensor:
@@ -51,6 +52,10 @@ class StepLogits:
         return self.mix(
             rows, self.default_beta.expand(num_rows), self.default_weights.expand(num_rows, -1)
         )
+
+    def reward_models_cover_base(self) -> bool:
+        """Every reward model scores every id the base does (the usual case)."""
+        return all(arm.shape[-1] >= self.base.shape[-1] for arm in self.reward_models)
 
 
 # Logits processors see logits only, never the model; they run right after
@@ -162,10 +167,10 @@ class GenARMForCausalLM(nn.Module):
         reward_logits = [arm.compute_logits(h) for arm, h in zip(self.reward_models, parts[1:])]
         if base_logits is None:  # a tensor-parallel rank that does not sample
             return None
-        width = base_logits.shape[-1]
         _latest_step = StepLogits(
-            vocab_logprobs(base_logits, self.vocab_size, width),
-            [vocab_logprobs(logits, self.vocab_size, width) for logits in reward_logits],
+            vocab_logprobs(base_logits, self.vocab_size),
+            [vocab_logprobs(logits, self.vocab_size) for logits in reward_logits],
+            base_logits.shape[-1],
             self.default_beta,
             self.default_weights,
         )

@@ -47,15 +47,15 @@ def guided(beta=None, weights=None):
 class Step:
     """Random raw logits for `rows` rows, published as GenARMForCausalLM.compute_logits does."""
 
-    def __init__(self, rows, seed=0):
+    def __init__(self, rows, seed=0, small_arm=False):
         g = torch.Generator().manual_seed(seed)
         self.base = torch.randn(rows, WIDTH, generator=g) * 3
+        # A reward model with a smaller vocabulary takes the processor's exact path.
         self.arms = [torch.randn(rows, WIDTH, generator=g) * 3,
-                     torch.randn(rows, VOCAB - 5, generator=g) * 3]  # a smaller vocabulary
+                     torch.randn(rows, VOCAB - 5 if small_arm else WIDTH, generator=g) * 3]
         genarm_model._latest_step = genarm_model.StepLogits(
-            vocab_logprobs(self.base, VOCAB, WIDTH),
-            [vocab_logprobs(a, VOCAB, WIDTH) for a in self.arms],
-            torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
+            vocab_logprobs(self.base, VOCAB), [vocab_logprobs(a, VOCAB) for a in self.arms],
+            WIDTH, torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
         )
         # What compute_logits hands the sampler: every row mixed with the defaults.
         self.logits = genarm_model._latest_step.mix_defaults(slice(None))
@@ -65,7 +65,8 @@ class Step:
                             torch.tensor([beta]), torch.tensor([weights]), VOCAB)[0]
 
 
-def test_v2_interface_through_vllms_loader():
+@pytest.mark.parametrize("small_arm", [False, True])
+def test_v2_interface_through_vllms_loader(small_arm):
     req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8, vocab_size=WIDTH,
                                  all_token_ids=None, prompt_len=None, prefill_len=None,
                                  total_len=None)
@@ -75,7 +76,7 @@ def test_v2_interface_through_vllms_loader():
     assert proc.add_request(0, guided()) is False  # engine defaults: nothing to re-mix
     assert proc.add_request(5, guided(weights=[0.0, 0.0])) is True
 
-    step = Step(rows=3)
+    step = Step(rows=3, small_arm=small_arm)
     slots = torch.tensor([5, 0, 3])  # rows are reordered every step
     ctx = LogitsContext(
         expanded_idx_mapping=slots, idx_mapping=slots, idx_mapping_np=slots.numpy(),
@@ -97,13 +98,14 @@ def test_v2_interface_through_vllms_loader():
     torch.testing.assert_close(proc.apply(step.logits.clone(), ctx)[2], step.expected(2))
 
 
-def test_v1_interface_follows_batch_updates():
+@pytest.mark.parametrize("small_arm", [False, True])
+def test_v1_interface_follows_batch_updates(small_arm):
     proc = GenARMLogitsProcessor(vllm_config(), torch.device("cpu"), False)
     assert proc.is_argmax_invariant() is False  # else greedy requests would skip it
     proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
         (0, guided(), [1], []), (1, guided(0.25), [1], []), (2, guided(2.0, [1.0, 1.0]), [1], []),
     ]))
-    step = Step(rows=3, seed=1)
+    step = Step(rows=3, seed=1, small_arm=small_arm)
     out = proc.apply(step.logits.clone())
     torch.testing.assert_close(out[0], step.expected(0))
     torch.testing.assert_close(out[1], step.expected(1, 0.25))
@@ -112,14 +114,14 @@ def test_v1_interface_follows_batch_updates():
     # vLLM condenses the batch: request 2 finishes, 0 and 1 swap places.
     proc.update_state(BatchUpdate(batch_size=2, removed=[2], added=[],
                                   moved=[(0, 1, MoveDirectionality.SWAP)]))
-    step = Step(rows=2, seed=2)
+    step = Step(rows=2, seed=2, small_arm=small_arm)
     out = proc.apply(step.logits.clone())
     torch.testing.assert_close(out[0], step.expected(0, 0.25))
     torch.testing.assert_close(out[1], step.expected(1))
 
     proc.update_state(BatchUpdate(batch_size=1, removed=[0], added=[],
                                   moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)]))
-    step = Step(rows=1, seed=3)
+    step = Step(rows=1, seed=3, small_arm=small_arm)
     logits = step.logits.clone()
     assert proc.apply(logits) is logits and torch.equal(logits[0], step.expected(0))
 
