@@ -1,8 +1,10 @@
 """The JSONL batch job behind `genarm-vllm generate`.
 
 Input rows: {"prompt": str} or {"messages": [...]} (rendered with the base tokenizer's
-chat template), plus optional per-row "beta" and "weights". Output rows: every input
-field plus "generated_text", "generated_token_ids" and "finish_reason", in input order.
+chat template), plus optional per-row "beta" and "weights". The input is one JSONL file,
+or shards: a folder of *.jsonl files or a glob, read in sorted file name order. Output
+rows: every input field plus "generated_text", "generated_token_ids" and
+"finish_reason", in input order, in one JSONL file.
 
 The output is written chunk by chunk and flushed, so a re-run after an interruption
 keeps the complete rows already there and continues after them (a torn last line is
@@ -11,6 +13,7 @@ dropped and redone); no row is written twice.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Iterator
@@ -21,23 +24,38 @@ from genarm_vllm.mixing import check_beta, check_weights
 OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason")
 
 
+def input_files(path: str | os.PathLike) -> list[Path]:
+    """The JSONL files of an input: a file, a folder of *.jsonl shards, or a glob."""
+    path = str(path)
+    if os.path.isfile(path):
+        return [Path(path)]
+    pattern = os.path.join(path, "*.jsonl") if os.path.isdir(path) else path
+    files = sorted(Path(p) for p in glob.glob(pattern) if os.path.isfile(p))
+    if not files:
+        raise ValueError(f"no input: {path} is not a file, a folder of *.jsonl files, or a "
+                         "glob matching files")
+    return files
+
+
 def read_rows(path: str | os.PathLike, num_reward_models: int) -> list[dict]:
-    """All input rows, validated; ValueError naming every bad line (up to 10)."""
+    """All input rows (of every shard, in file name order), validated; ValueError naming
+    every bad line (up to 10)."""
     rows, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                check_row(row, num_reward_models)
-            except json.JSONDecodeError as e:
-                errors.append(f"{path} line {line_number}: not valid JSON ({e})")
-                continue
-            except ValueError as e:
-                errors.append(f"{path} line {line_number}: {e}")
-                continue
-            rows.append(row)
+    for file in input_files(path):
+        with open(file, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    check_row(row, num_reward_models)
+                except json.JSONDecodeError as e:
+                    errors.append(f"{file} line {line_number}: not valid JSON ({e})")
+                    continue
+                except ValueError as e:
+                    errors.append(f"{file} line {line_number}: {e}")
+                    continue
+                rows.append(row)
     if errors:
         more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise ValueError("invalid input rows:\n" + "\n".join(errors[:10]) + more)
@@ -112,29 +130,32 @@ def run_job(
         total=len(rows), initial=done, unit="row", desc="generate", disable=not progress
     ) as bar:
         for chunk in chunks(todo, chunk_size):
-            prompts = [_prompt(row, tokenizer) for row in chunk]
-            guidance = [
-                {k: row[k] for k in ("beta", "weights") if k in row} or None for row in chunk
-            ]
-            results = llm.generate(prompts, sampling_params, guidance=guidance, use_tqdm=False)
-            for row, result in zip(chunk, results):
-                completion = result.outputs[0]
-                out.write(
-                    json.dumps(
-                        {
-                            **row,
-                            "generated_text": completion.text,
-                            "generated_token_ids": list(completion.token_ids),
-                            "finish_reason": completion.finish_reason,
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+            out.writelines(generate_lines(llm, chunk, sampling_params, tokenizer))
             out.flush()
             os.fsync(out.fileno())
             bar.update(len(chunk))
     return len(todo)
+
+
+def generate_lines(llm, rows: list[dict], sampling_params, tokenizer) -> list[str]:
+    """One engine call for `rows`: their output JSONL lines, in row order.
+
+    Shared by this job and the Ray job (genarm_vllm.ray_job), so both write the same rows.
+    """
+    prompts = [_prompt(row, tokenizer) for row in rows]
+    guidance = [{k: row[k] for k in ("beta", "weights") if k in row} or None for row in rows]
+    results = llm.generate(prompts, sampling_params, guidance=guidance, use_tqdm=False)
+    lines = []
+    for row, result in zip(rows, results):
+        completion = result.outputs[0]
+        output_row = {
+            **row,
+            "generated_text": completion.text,
+            "generated_token_ids": list(completion.token_ids),
+            "finish_reason": completion.finish_reason,
+        }
+        lines.append(json.dumps(output_row, ensure_ascii=False) + "\n")
+    return lines
 
 
 def _prompt(row: dict, tokenizer):

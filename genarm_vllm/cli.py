@@ -83,6 +83,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
+RAY_FLAGS = ("replicas", "address", "gpus_per_replica", "cpus_per_replica")
+
+
 def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
     from genarm_vllm.batch_job import completed_rows, read_rows, run_job
     from genarm_vllm.bundle import read_bundle
@@ -94,6 +97,11 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
         raise ValueError("give at least one --reward-model (or a bundle as --base)")
     if args.weights is not None:
         check_weights(args.weights, num_reward_models, "--weights")
+    ray_options = {name: getattr(args, name) for name in RAY_FLAGS
+                   if getattr(args, name) is not None}
+    if ray_options and not args.ray:
+        flags = ", ".join("--" + name.replace("_", "-") for name in ray_options)
+        raise ValueError(f"{flags} only apply with --ray")
     # Bad rows and flags fail before the (slow) engine start.
     rows = read_rows(args.input, num_reward_models)
     if completed_rows(Path(args.output), rows) == len(rows):
@@ -106,11 +114,21 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
     )
-    from genarm_vllm.engine import GuidedLLM
+    if args.ray:
+        from genarm_vllm.ray_job import run_ray_job
 
-    llm = GuidedLLM(args.base, args.reward_model, beta=args.beta, weights=args.weights, **kwargs)
-    added = run_job(llm, args.input, args.output, sampling_params, rows=rows,
-                    chunk_size=args.chunk_size)
+        added = run_ray_job(
+            args.base, args.reward_model, args.input, args.output, sampling_params,
+            beta=args.beta, weights=args.weights, engine_kwargs=kwargs, rows=rows,
+            chunk_size=args.chunk_size, **ray_options,
+        )
+    else:
+        from genarm_vllm.engine import GuidedLLM
+
+        llm = GuidedLLM(args.base, args.reward_model, beta=args.beta, weights=args.weights,
+                        **kwargs)
+        added = run_job(llm, args.input, args.output, sampling_params, rows=rows,
+                        chunk_size=args.chunk_size)
     print(f"wrote {added} rows to {args.output} ({len(rows)} in all)")
     return 0
 
@@ -153,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensor-parallel-size 2 --enforce-eager).",
     )
     add_model_args(p)
-    p.add_argument("--input", required=True, help="input JSONL")
+    p.add_argument("--input", required=True,
+                   help="input JSONL: a file, a folder of *.jsonl shards, or a quoted glob")
     p.add_argument("--output", required=True, help="output JSONL (appended to when resuming)")
     p.add_argument("--max-tokens", type=int, default=128, help="tokens per completion (128)")
     p.add_argument("--temperature", type=float, default=1.0,
@@ -164,6 +183,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
     p.add_argument("--chunk-size", type=int, default=512,
                    help="rows per engine call; output is saved after each chunk (512)")
+    ray = p.add_argument_group(
+        "Ray", "run the job on a Ray cluster: an actor pool of engines (pip install "
+        "'genarm-vllm[ray]'); tensor-parallel engines across GPUs/nodes: add the vLLM flags "
+        "--tensor-parallel-size N --distributed-executor-backend ray")
+    ray.add_argument("--ray", action="store_true", help="run through Ray Data")
+    ray.add_argument("--replicas", type=int, default=None,
+                     help="engines (Ray actors) running at once (1)")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to join, e.g. auto or HEAD_IP:6379 (default: $RAY_ADDRESS, "
+                     "else a new local Ray)")
+    ray.add_argument("--gpus-per-replica", type=int, default=None,
+                     help="GPUs per engine (default: --tensor-parallel-size on a cluster with "
+                     "GPUs, else 0)")
+    ray.add_argument("--cpus-per-replica", type=float, default=None,
+                     help="CPUs Ray reserves per engine (1)")
     p.set_defaults(func=cmd_generate, takes_vllm_args=True)
 
     p = sub.add_parser(

@@ -1,0 +1,235 @@
+"""The batch job on Ray (`genarm-vllm generate --ray`): same output as the single-process job,
+a killed worker neither loses nor duplicates rows, and the tensor-parallel plumbing.
+
+Ray runs locally, started and stopped here with 2 CPUs; each replica (Ray actor) runs
+vLLM in-process on the tiny models.
+"""
+
+import json
+import os
+import signal
+import threading
+import time
+
+# A one-node test cluster on the loopback address only (Ray reads this when imported).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+import psutil  # noqa: E402
+import pytest  # noqa: E402
+import ray  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+
+from genarm_vllm import ray_job  # noqa: E402
+from genarm_vllm.batch_job import run_job  # noqa: E402
+from genarm_vllm.cli import engine_kwargs, main  # noqa: E402
+from genarm_vllm.testing import build_model, build_tokenizer  # noqa: E402
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+ENGINE_FLAGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
+# What every replica needs on this machine (see README: CPU settings).
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
+             "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+             "TOKENIZERS_PARALLELISM": "false"}
+WORDS = "the cat sat on a dog happy sun we love green trees she saw big red car".split()
+
+
+def make_rows(n):
+    """Prompts and chat rows, per-row beta / weights, extra fields of several types."""
+    rows = []
+    for i in range(n):
+        text = " ".join(WORDS[(3 * i + k) % len(WORDS)] for k in range(2 + i % 4))
+        row = {"id": f"r{i}"}
+        row.update({"messages": [{"role": "user", "content": text}]} if i % 5 == 0
+                   else {"prompt": text})
+        if i % 3 == 1:
+            row["beta"] = 0.5 + i / 20
+        if i % 4 == 2:
+            row["weights"] = [-0.5 if i % 8 == 2 else 2.0]
+        if i % 7 == 0:
+            row["meta"] = {"source": "tést", "tags": [i, None, 1.5]}
+        rows.append(row)
+    return rows
+
+
+ROWS = make_rows(40)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def model_args(tiny):
+    return ["--base", tiny["base"], "--reward-model", tiny["arm_small"], "--beta", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def reference(engine, tmp_path_factory):
+    """The single-process job's output for ROWS (the in-process engine of the session)."""
+    folder = tmp_path_factory.mktemp("reference")
+    infile = write_jsonl(folder / "in.jsonl", ROWS)
+    run_job(engine("arm_small", ["arm_small"], beta=0.5), infile, folder / "out.jsonl", GREEDY,
+            progress=False)
+    return (folder / "out.jsonl").read_text()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # Ray may have been imported before this module set the variable (e.g. by vLLM in an
+    # earlier test): keep the driver's node address on loopback as well.
+    ray._private.ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": ACTOR_ENV})
+    yield
+    ray.shutdown()
+
+
+# --- Flags and checks: no Ray started --------------------------------------------------
+
+def test_cli_passes_ray_and_engine_flags(tiny, tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(ray_job, "run_ray_job", lambda *a, **kw: calls.append((a, kw)) or 0)
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS[:3])
+    args = ["generate", "--base", tiny["base"], "--reward-model", tiny["arm_same"],
+            "--input", infile, "--output", tmp_path / "out.jsonl", "--temperature", "0"]
+    tp = ["--tensor-parallel-size", "2", "--distributed-executor-backend", "ray"]
+    code = main([str(a) for a in [*args, "--ray", "--replicas", "3", "--address", "auto",
+                                  "--gpus-per-replica", "2", *tp, *ENGINE_FLAGS]])
+    assert code == 0
+    (base, arms, _, _, params), kwargs = calls[0]
+    assert (base, arms, params.temperature) == (str(tiny["base"]), [str(tiny["arm_same"])], 0)
+    assert {k: kwargs[k] for k in ("replicas", "address", "gpus_per_replica")} == {
+        "replicas": 3, "address": "auto", "gpus_per_replica": 2}
+    assert kwargs["engine_kwargs"] == engine_kwargs([*tp, *ENGINE_FLAGS])
+    assert kwargs["engine_kwargs"]["tensor_parallel_size"] == 2
+    assert kwargs["engine_kwargs"]["distributed_executor_backend"] == "ray"
+    assert [r["id"] for r in kwargs["rows"]] == ["r0", "r1", "r2"]
+
+    code = main([str(a) for a in [*args, "--replicas", "2"]])
+    assert code == 2 and "--replicas only apply with --ray" in capsys.readouterr().err
+
+
+def test_replica_builds_guided_llm_with_the_engine_flags(monkeypatch):
+    built = []
+
+    class FakeGuidedLLM:
+        def __init__(self, base, reward_models, **kwargs):
+            built.append((base, reward_models, kwargs))
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr("genarm_vllm.engine.GuidedLLM", FakeGuidedLLM)
+    flags = {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
+    ray_job._Replica("B", ["A"], 0.5, [2.0], flags, GREEDY)
+    assert built == [("B", ["A"], {"beta": 0.5, "weights": [2.0], **flags})]
+
+    # With vLLM's Ray executor the replica reserves its GPUs as a placement group for
+    # vLLM's workers; otherwise the replica actor holds them itself.
+    resources = ray_job.replica_resources(flags, 1.0, 2)
+    assert resources["num_gpus"] == 0 and callable(resources["ray_remote_args_fn"])
+    assert ray_job.replica_resources({"tensor_parallel_size": 2}, 1.0, 2) == {
+        "num_cpus": 1.0, "num_gpus": 2}
+
+
+def test_tensor_parallel_error_fires_before_ray_starts(tiny, tmp_path, monkeypatch, capsys):
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS[:3])
+    tp2 = {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
+    # arm_small has 1 attention head: it cannot be split over 2 GPUs.
+    with pytest.raises(ValueError, match=r"arm_small has 1 attention heads.*tensor_parallel_size=2"):
+        ray_job.run_ray_job(tiny["base"], [tiny["arm_small"]], infile, tmp_path / "o.jsonl",
+                            GREEDY, engine_kwargs=tp2)
+    # The base is checked too: 2 heads over 4 GPUs (the reward model, 4 heads, would fit).
+    base2 = build_model(tmp_path / "base2", build_tokenizer(tmp_path / "tok"), hidden_size=64,
+                        num_attention_heads=2, num_key_value_heads=1)
+    with pytest.raises(ValueError, match=r"base model .*base2 has 2 attention heads"):
+        ray_job.run_ray_job(base2, [tiny["arm_same"]], infile, tmp_path / "o.jsonl", GREEDY,
+                            engine_kwargs={"tensor_parallel_size": 4})
+    # As a user sees it.
+    code = main([str(a) for a in ["generate", *model_args(tiny), "--input", infile, "--output",
+                                  tmp_path / "o.jsonl", "--ray", "--tensor-parallel-size", "2",
+                                  "--distributed-executor-backend", "ray"]])
+    assert code == 2 and "cannot be sharded over tensor_parallel_size=2" in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+# --- The job on a local Ray cluster ----------------------------------------------------
+
+def test_ray_job_equals_single_process_job(ray_cluster, reference, tiny, tmp_path, capsys):
+    shards = tmp_path / "shards"  # sharded input: a folder of JSONL files, in name order
+    shards.mkdir()
+    for k, start in enumerate(range(0, len(ROWS), 15)):
+        write_jsonl(shards / f"part-{k:03d}.jsonl", ROWS[start:start + 15])
+    outfile = tmp_path / "out.jsonl"
+    args = ["generate", *model_args(tiny), "--input", shards, "--output", outfile,
+            "--temperature", "0", "--max-tokens", "12", "--ignore-eos", *ENGINE_FLAGS,
+            "--ray", "--replicas", "2", "--cpus-per-replica", "1", "--chunk-size", "8"]
+    assert main([str(a) for a in args]) == 0
+    assert outfile.read_text() == reference  # same rows, same fields, same order
+
+    # The placement group a tensor-parallel replica would run in: one GPU per bundle.
+    strategy = ray_job.replica_resources(
+        {"distributed_executor_backend": "ray"}, 1.0, 2)["ray_remote_args_fn"]()
+    group = strategy["scheduling_strategy"].placement_group
+    assert group.bundle_specs == [{"GPU": 1, "CPU": 1.0}] * 2
+    ray.util.remove_placement_group(group)
+
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 0  # a finished job is a no-op
+    assert "nothing to do" in capsys.readouterr().out
+    assert outfile.read_text() == reference
+
+
+def replica_processes():
+    """This session's engine replicas (Ray actors started under this test process)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if "MapBatches(_Replica)" in " ".join(process.cmdline()):
+                found.append(process)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
+
+
+def test_killed_worker_and_interrupted_run_lose_and_duplicate_nothing(
+    ray_cluster, reference, tiny, tmp_path
+):
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    outfile = tmp_path / "out.jsonl"
+    # An earlier run stopped after 4 rows, in the middle of writing the 5th.
+    reference_lines = reference.splitlines(keepends=True)
+    outfile.write_text("".join(reference_lines[:4]) + reference_lines[4][:30])
+
+    killed, finished = {}, threading.Event()
+
+    def kill_a_replica_mid_job():
+        # Once this run has written its first rows, SIGKILL one replica: the others'
+        # batches are in flight or queued on it (small batches, 36 rows to go).
+        while not finished.is_set():
+            lines = outfile.read_text().count("\n")
+            replicas = replica_processes() if lines > 4 else []
+            if replicas:
+                killed.update(pid=replicas[0].pid, lines_written=lines)
+                os.kill(replicas[0].pid, signal.SIGKILL)
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_a_replica_mid_job, daemon=True)
+    killer.start()
+    try:
+        added = ray_job.run_ray_job(
+            tiny["base"], [tiny["arm_small"]], infile, outfile, GREEDY, beta=0.5,
+            engine_kwargs=dict(enforce_eager=True, max_model_len=256, dtype="float32"),
+            replicas=2, cpus_per_replica=1, chunk_size=2, env_vars=ACTOR_ENV,
+        )
+    finally:
+        finished.set()
+        killer.join()
+    assert killed, "no replica was killed"
+    assert killed["lines_written"] < len(ROWS), "the kill came after the job's last row"
+    assert added == len(ROWS) - 4
+    assert outfile.read_text() == reference  # nothing lost, nothing written twice
