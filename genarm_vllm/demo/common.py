@@ -20,6 +20,8 @@ def cpu_env() -> None:
     """Environment defaults for vLLM on CPU; call before importing vllm."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # two threads on 2 cores: 20x slower
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # Each engine lives alone in its own short process: in-process start-up is much faster.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

@@ -8,8 +8,8 @@ Steps (each skipped when its result is already there):
   3. the beta sweep: one GuidedLLM engine with the sentiment ARM generates for the held-out
      prompts unguided (weights [0]) and at several beta values, chosen per request with
      `guidance=`; plus a control: the base alone at the sharpness an untrained ARM would give;
-  4. the weight sweep: one engine with both ARMs (sentiment, brevity); every (w_sentiment,
-     w_brevity) setting is a per-request choice inside one batch;
+  4. the weight sweep: one engine with both ARMs (sentiment, impersonal); every
+     (w_sentiment, w_impersonal) setting is a per-request choice inside one batch;
   5. the report: tables (printed, JSON, Markdown), plots (PNG), example completions.
 Each engine runs in its own process (vLLM engines in one process cannot be torn down safely).
 Everything is written under --out (artifacts/quickstart).
@@ -50,7 +50,7 @@ def sweep_settings(betas: list[float], control_beta: float | None) -> list[dict]
     if control_beta is not None:
         settings.append({
             "name": f"control: untrained ARM, beta={control_beta:g}",
-            "beta": None, "weights": [0.0],
+            "beta": None, "weights": [0.0], "control_beta": control_beta,
             "temperature": TEMPERATURE * control_beta / (1 + control_beta),
         })
     return settings
@@ -74,12 +74,13 @@ def guidance_of(setting: dict) -> dict:
 
 
 def completion_row(setting: dict, prompt: str, completion) -> dict:
-    from genarm_vllm.demo.scoring import afinn, vader
+    from genarm_vllm.demo.scoring import afinn, first_person, vader
 
     return {
         "setting": setting["name"], "prompt": prompt, "text": completion.text,
         "num_tokens": len(completion.token_ids), "finish_reason": completion.finish_reason,
         "vader": vader(completion.text), "afinn": afinn(completion.text),
+        "first_person": first_person(completion.text),
     }
 
 
@@ -133,20 +134,20 @@ def run_engine(stage: str, base: Path, arms: list[Path], settings: list[dict], p
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="GenARM on SmolLM2-135M-Instruct: sentiment guidance measured on held-out "
-        "prompts, and a sentiment/brevity trade-off chosen per request.")
+        "prompts, and a sentiment / impersonal-style trade-off chosen per request.")
     parser.add_argument("--retrain", action="store_true",
                         help="retrain both ARMs from scratch instead of rebuilding them from the "
                         "committed adapters (overwrites genarm_vllm/demo/assets)")
-    parser.add_argument("--prompts", type=int, default=128, help="held-out prompts in the beta sweep (128)")
+    parser.add_argument("--prompts", type=int, default=96, help="held-out prompts in the beta sweep (96)")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per completion in the sweep (24)")
     parser.add_argument("--betas", default=",".join(f"{b:g}" for b in DEFAULT_BETAS),
                         help="comma-separated beta values (1,0.5,0.25)")
     parser.add_argument("--control-beta", type=float, default=0.5,
                         help="beta of the untrained-ARM control row; 0 = no control (0.5)")
-    parser.add_argument("--multi-prompts", type=int, default=48,
-                        help="held-out prompts in the two-ARM weight sweep; 0 = skip it (48)")
-    parser.add_argument("--multi-max-tokens", type=int, default=48,
-                        help="tokens per completion in the weight sweep (48)")
+    parser.add_argument("--multi-prompts", type=int, default=32,
+                        help="held-out prompts in the two-ARM weight sweep; 0 = skip it (32)")
+    parser.add_argument("--multi-max-tokens", type=int, default=32,
+                        help="tokens per completion in the weight sweep (32)")
     parser.add_argument("--multi-beta", type=float, default=MULTI_BETA, help="beta of the weight sweep (0.5)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (artifacts/quickstart)")
     parser.add_argument("--base", type=Path, default=BASE_DIR, help=argparse.SUPPRESS)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.multi_prompts > 0:
         # Spread over the held-out list: every subject, not only the first few.
         step = max(1, len(prompts) // args.multi_prompts)
-        stages.append(("multi", [arms["sentiment"], arms["brevity"]], multi_settings(args.multi_beta),
+        stages.append(("multi", [arms["sentiment"], arms["impersonal"]], multi_settings(args.multi_beta),
                        prompts[::step][: args.multi_prompts], args.multi_max_tokens))
     for stage, stage_arms, settings, stage_prompts, max_tokens in stages:
         plan = {"base": str(base), "arms": [str(a) for a in stage_arms], "settings": settings,

@@ -26,7 +26,9 @@ def summarise(rows: list[dict], settings: list[dict], speeds: dict) -> list[dict
             "setting": setting["name"], "beta": setting["beta"], "weights": setting["weights"],
             "temperature": round(setting["temperature"], 4), "n": len(mine),
         }
-        for scorer in ("vader", "afinn", "num_tokens"):
+        if "control_beta" in setting:
+            entry["control_beta"] = setting["control_beta"]
+        for scorer in ("vader", "afinn", "first_person", "num_tokens"):
             mean, low, high = bootstrap_mean([r[scorer] for r in mine])
             entry[scorer] = {"mean": round(mean, 4), "low": round(low, 4), "high": round(high, 4)}
         entry["ended"] = round(sum(r["finish_reason"] == "stop" for r in mine) / max(len(mine), 1), 3)
@@ -85,8 +87,8 @@ def sweep_report(out: Path) -> str:
 
     header = ["setting", "1/beta", "VADER [95% CI]", "AFINN [95% CI]", "mean tokens", "tokens/s"]
     body = [[
-        r["setting"], "-" if r["beta"] is None else f"{1 / r['beta']:g}", interval(r["vader"]),
-        interval(r["afinn"]), f"{r['num_tokens']['mean']:.1f}", f"{r.get('tokens_per_s', 0):.0f}",
+        r["setting"], f"{strength(r):g}", interval(r["vader"]), interval(r["afinn"]),
+        f"{r['num_tokens']['mean']:.1f}", f"{r.get('tokens_per_s', 0):.0f}",
     ] for r in table]
     caption = (f"{len(plan['prompts'])} held-out prompts, up to {plan['max_tokens']} tokens each, "
                "one sample per prompt and setting; VADER labelled the ARM's training pairs, "
@@ -105,6 +107,12 @@ def sweep_report(out: Path) -> str:
     return caption + "\n" + "\n".join(lines) + "\n"
 
 
+def strength(row: dict) -> float:
+    """1/beta of a sweep row: 0 when unguided; the control's matched 1/beta."""
+    beta = row["beta"] or row.get("control_beta")
+    return 1 / beta if beta else 0.0
+
+
 def plot_sweep(table: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -114,13 +122,13 @@ def plot_sweep(table: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, scorer, label in zip(axes, ("vader", "afinn"), ("VADER compound (labelling scorer)",
                                                            "AFINN score (independent scorer)")):
-        curve = [r for r in table if r["setting"] == "unguided" or r["beta"] is not None]
-        x = [0.0 if r["beta"] is None else 1 / r["beta"] for r in curve]
-        _errorbar(ax, x, [r[scorer] for r in curve], "o-", "GenARM (sentiment ARM)")
-        for r in table:
-            if r["setting"].startswith("control"):
-                beta = float(r["setting"].rsplit("=", 1)[1])
-                _errorbar(ax, [1 / beta], [r[scorer]], "s", "control: base at the same sharpness")
+        curve = [r for r in table if "control_beta" not in r]
+        _errorbar(ax, [strength(r) for r in curve], [r[scorer] for r in curve], "o-",
+                  "GenARM, sentiment ARM")
+        controls = [r for r in table if "control_beta" in r]
+        if controls:
+            _errorbar(ax, [strength(r) for r in controls], [r[scorer] for r in controls], "s",
+                      "control: untrained ARM")
         ax.set_xlabel("guidance strength 1/beta (0 = unguided)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -191,10 +199,10 @@ def multi_report(out: Path) -> str:
         "prompts": len(plan["prompts"]), "max_tokens": plan["max_tokens"],
         "beta": plan["settings"][0]["beta"], "tokens_per_s_all": round(speeds["all"], 1),
         "table": table}, indent=2) + "\n")
-    header = ["w_sentiment", "w_brevity", "VADER [95% CI]", "AFINN [95% CI]",
-              "mean tokens [95% CI]", "ended"]
+    header = ["w_sentiment", "w_impersonal", "VADER [95% CI]", "AFINN [95% CI]",
+              "1st-person words /100 [95% CI]", "mean tokens"]
     body = [[f"{r['weights'][0]:g}", f"{r['weights'][1]:g}", interval(r["vader"]),
-             interval(r["afinn"]), interval(r["num_tokens"], 1), f"{100 * r['ended']:.0f}%"]
+             interval(r["afinn"]), interval(r["first_person"], 1), f"{r['num_tokens']['mean']:.1f}"]
             for r in table]
     caption = (f"beta={plan['settings'][0]['beta']:g}, {len(plan['prompts'])} held-out prompts, up to "
                f"{plan['max_tokens']} tokens; every setting is a per-request choice in one batch "
@@ -212,7 +220,7 @@ def plot_pareto(table: list[dict], path: Path, beta: float) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in table:
-        x, y = r["num_tokens"], r["vader"]
+        x, y = r["first_person"], r["vader"]
         unguided = r["weights"] == [0.0, 0.0]
         ax.errorbar([x["mean"]], [y["mean"]],
                     xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
@@ -221,11 +229,12 @@ def plot_pareto(table: list[dict], path: Path, beta: float) -> None:
         label = "unguided" if unguided else f"({r['weights'][0]:g}, {r['weights'][1]:g})"
         ax.annotate(label, (x["mean"], y["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
     guided = sorted((r for r in table if r["weights"] != [0.0, 0.0]), key=lambda r: r["weights"][1])
-    ax.plot([r["num_tokens"]["mean"] for r in guided], [r["vader"]["mean"] for r in guided],
+    ax.plot([r["first_person"]["mean"] for r in guided], [r["vader"]["mean"] for r in guided],
             "-", color="C0", alpha=0.5)
-    ax.set_xlabel("mean completion length (tokens): shorter is better for brevity")
+    ax.set_xlabel("first-person pronouns per 100 words: fewer is more impersonal")
     ax.set_ylabel("mean VADER compound: higher is more positive")
-    ax.set_title(f"Per-request weights (w_sentiment, w_brevity), beta={beta:g}, one engine", fontsize=10)
+    ax.set_title(f"Per-request weights (w_sentiment, w_impersonal), beta={beta:g}, one engine",
+                 fontsize=10)
     ax.invert_xaxis()  # better on both objectives = up and to the right
     ax.grid(alpha=0.3)
     fig.tight_layout()

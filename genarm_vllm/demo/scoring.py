@@ -3,12 +3,14 @@
 - VADER compound score (`vadersentiment`) in [-1, 1]: labels the ARM's training pairs.
 - AFINN (`afinn`): an independent word list (Nielsen 2011) that played no part in making
   the training data; the score of a completion is the sum of its words' valences.
-Both are offline word-list scorers: no model download.
+- first_person: first-person pronouns per 100 words (the second ARM's attribute).
+All are offline word lists: no model download.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,7 +40,24 @@ def afinn(text: str) -> float:
     return float(_afinn().score(text))
 
 
-SCORERS = {"vader": vader, "afinn": afinn}
+# The word class the second ARM learns to avoid: first-person pronouns (an impersonal style).
+FIRST_PERSON = re.compile(
+    r"\b(i|i'm|i've|i'd|i'll|me|my|mine|myself|we|we're|we've|we'll|we'd|our|ours|ourselves|us)\b",
+    re.IGNORECASE,
+)
+
+
+def first_person_count(text: str) -> int:
+    return len(FIRST_PERSON.findall(text))
+
+
+def first_person(text: str) -> float:
+    """First-person pronouns per 100 words of `text` (0 for an empty text)."""
+    words = len(re.findall(r"[A-Za-z']+", text))
+    return 100.0 * first_person_count(text) / words if words else 0.0
+
+
+SCORERS = {"vader": vader, "afinn": afinn, "first_person": first_person}
 
 
 def bootstrap_mean(
