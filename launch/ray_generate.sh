@@ -23,6 +23,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# The cluster's token (see ray_head.sh): RAY_AUTH_TOKEN, or ~/.ray/auth_token on the head.
+if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "$HOME/.ray/auth_token" ]; then
+  export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+fi
 
 # GPU clusters: an example for an 8-GPU node and a base that fits on one GPU:
 #   REPLICAS=8 bash launch/ray_generate.sh ... --max-model-len 4096 --gpu-memory-utilization 0.9
