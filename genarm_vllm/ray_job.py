@@ -87,9 +87,12 @@ def check_models(base, reward_models, engine_kwargs: dict) -> list[str]:
     return reward_models
 
 
-def replica_resources(engine_kwargs: dict, cpus_per_replica: float, gpus_per_replica: int
-                      ) -> dict:
-    """map_batches resource arguments for one replica (one engine)."""
+def replica_resources(engine_kwargs: dict, cpus_per_replica: float, gpus_per_replica: int,
+                      groups: list | None = None) -> dict:
+    """map_batches resource arguments for one replica (one engine).
+
+    groups: collects the placement groups made, for the caller to remove after the job.
+    """
     if gpus_per_replica and engine_kwargs.get("distributed_executor_backend") == "ray":
         # vLLM's Ray executor starts one worker per GPU in the placement group the replica
         # runs in (placement_group_capture_child_tasks); the replica itself takes no GPU.
@@ -100,6 +103,8 @@ def replica_resources(engine_kwargs: dict, cpus_per_replica: float, gpus_per_rep
             group = placement_group(
                 [{"GPU": 1, "CPU": cpus_per_replica}] * gpus_per_replica, strategy="PACK"
             )
+            if groups is not None:
+                groups.append(group)
             return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
                 group, placement_group_capture_child_tasks=True)}
 
@@ -153,6 +158,7 @@ def run_ray_job(
     started = not ray.is_initialized()
     if started:
         ray.init(address=address)
+    groups = []  # placement groups of tensor-parallel replicas: their GPUs are freed at the end
     try:
         if gpus_per_replica is None:
             has_gpus = ray.cluster_resources().get("GPU", 0) > 0
@@ -160,13 +166,15 @@ def run_ray_job(
         batches = _generate(
             base, reward_models, beta, weights, engine_kwargs, sampling_params, todo, done,
             replicas=replicas, resources=replica_resources(
-                engine_kwargs, cpus_per_replica, gpus_per_replica),
+                engine_kwargs, cpus_per_replica, gpus_per_replica, groups),
             env_vars={**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
                       **(env_vars or {})},
             chunk_size=chunk_size, progress=progress,
         )
         _write_in_order(batches, output, done, len(rows), progress)
     finally:
+        for group in groups:
+            ray.util.remove_placement_group(group)
         if started:
             ray.shutdown()
     return len(todo)

@@ -171,10 +171,11 @@ def test_ray_job_equals_single_process_job(ray_cluster, reference, tiny, tmp_pat
     assert outfile.read_text() == reference  # same rows, same fields, same order
 
     # The placement group a tensor-parallel replica would run in: one GPU per bundle.
+    groups = []
     strategy = ray_job.replica_resources(
-        {"distributed_executor_backend": "ray"}, 1.0, 2)["ray_remote_args_fn"]()
+        {"distributed_executor_backend": "ray"}, 1.0, 2, groups)["ray_remote_args_fn"]()
     group = strategy["scheduling_strategy"].placement_group
-    assert group.bundle_specs == [{"GPU": 1, "CPU": 1.0}] * 2
+    assert group.bundle_specs == [{"GPU": 1, "CPU": 1.0}] * 2 and groups == [group]
     ray.util.remove_placement_group(group)
 
     capsys.readouterr()
