@@ -44,8 +44,8 @@ def genarm_fields(
     reward_models: Sequence[str | os.PathLike] | None = None,
     beta: float | None = None,
     weights: Sequence[float] | None = None,
-) -> dict:
-    """The validated GenARM config fields for `model`.
+) -> tuple[dict, GuidanceConfig]:
+    """The validated GenARM config fields for `model`, and what they say.
 
     `model` is a bundle (its own fields are the defaults; beta / weights override them)
     or a base model folder, which then needs reward models.
@@ -69,7 +69,7 @@ def genarm_fields(
             fields["genarm_weights"] = weights
     guidance = GuidanceConfig.from_fields(fields)
     fields.update(genarm_beta=guidance.beta, genarm_weights=guidance.weights)
-    return fields
+    return fields, guidance
 
 
 def read_bundle(path: str | os.PathLike) -> dict | None:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 from genarm_vllm.bundle import genarm_fields
-from genarm_vllm.config import GuidanceConfig, engine_defaults
+from genarm_vllm.config import engine_defaults
 from genarm_vllm.logits_processor import (
     BETA_KEY,
     WEIGHTS_KEY,
@@ -44,8 +44,7 @@ class GuidedLLM:
         from vllm import LLM
 
         base = str(base)
-        fields = genarm_fields(base, reward_models, beta, weights)
-        guidance = GuidanceConfig.from_fields(fields)
+        fields, guidance = genarm_fields(base, reward_models, beta, weights)
         self.reward_models, self.beta, self.weights = (
             guidance.reward_models, guidance.beta, guidance.weights
         )

@@ -60,8 +60,7 @@ def server_argv(
     from genarm_vllm.validation import check_reward_models
 
     flags = _vllm_flags_we_read(vllm_args)
-    fields = genarm_fields(model, reward_models, beta, weights)
-    guidance = GuidanceConfig.from_fields(fields)
+    fields, guidance = genarm_fields(model, reward_models, beta, weights)
     check_reward_models(
         model,
         guidance.reward_models,
