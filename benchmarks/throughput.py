@@ -12,8 +12,10 @@ bound 1 / (1/a + 1/b), (c) / (d), (c) / (e) and (c_het) / (c).
     python benchmarks/throughput.py --quick --json artifacts/bench/quick.json
     python benchmarks/throughput.py --json artifacts/bench/full.json      # the full sweep
 
-Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set), one thread,
-float32, eager mode (the settings are recorded in the JSON).
+Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set), eager mode. Every
+system, vLLM and Hugging Face alike, runs in the same dtype (--dtype, float32 by default;
+bfloat16 is much faster on CPUs with AMX) and the same number of threads (--threads, 1 by
+default). The settings and the CPU's vector extensions are recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import random
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -82,6 +83,7 @@ def heterogeneous_guidance(count: int, num_arms: int) -> list[dict]:
 
 
 def run(args) -> list[dict]:
+    import torch
     from vllm import LLM
 
     from genarm_vllm import GuidedLLM
@@ -100,7 +102,7 @@ def run(args) -> list[dict]:
         plain_arm = LLM(model=str(arm), **ENGINE_KWARGS) if arm != base else plain_base
         guided = GuidedLLM(base, [arm], beta=1.0, **ENGINE_KWARGS)
         keep_alive += [plain_arm, guided]
-        reference = ReferenceDecoder(base, [arm])
+        reference = ReferenceDecoder(base, [arm], dtype=getattr(torch, ENGINE_KWARGS["dtype"]))
         warm = random_prompts(vocab, 2, args.prompt_len, seed=99)
         for llm in {id(x): x for x in (plain_base, plain_arm, guided)}.values():
             vllm_tokens_per_s(llm, warm, 4)
@@ -242,6 +244,15 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _cpu_extensions() -> list[str]:
+    """The vector / matrix extensions that decide CPU GEMM speed (AVX-512, AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
+    except (OSError, IndexError):
+        return []
+    return sorted(f for f in set(flags) if f.startswith(("avx512f", "avx512_bf16", "amx")) or f == "avx2")
+
+
 def _default_base() -> Path:
     from genarm_vllm.demo.smollm2 import DEFAULT_DEST, prepare_smollm2
 
@@ -265,6 +276,10 @@ def main() -> None:
                         help="prompts run through the HF reference at batch size 1")
     parser.add_argument("--work", default="artifacts/bench", help="output folder")
     parser.add_argument("--json", help="write results as JSON here")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="dtype of every system (bfloat16 uses AMX where the CPU has it)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="OpenMP threads of every system (sets OMP_NUM_THREADS)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the vLLM engines (enforce_eager=False); slower start-up")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
@@ -273,6 +288,9 @@ def main() -> None:
     if args.quick:
         args.batch_sizes, args.output_len = [1, 8, 64], 32
         args.batch1_prompts = 2
+    # Before torch is imported: vLLM and transformers read it once.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    ENGINE_KWARGS["dtype"] = args.dtype
     if args.compile:
         ENGINE_KWARGS["enforce_eager"] = False
         # One compile cache per sub-model (else every start recompiles them all).
@@ -284,6 +302,7 @@ def main() -> None:
     report = {
         "settings": {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+            "cpu_extensions": _cpu_extensions(),
             "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
             "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"],
             "engine": ENGINE_KWARGS, "prompt_len": args.prompt_len,

@@ -62,36 +62,33 @@ def _length(value: object) -> int:
     return len(value) if isinstance(value, (list, tuple)) else 1
 
 
-def remix(
-    logits: torch.Tensor, rows, beta: torch.Tensor, weights: torch.Tensor
-) -> torch.Tensor:
-    """`logits[rows]` re-mixed under per-row guidance (from the step's log-probs).
+def remix_(logits: torch.Tensor, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Re-mixes every row of `logits` in place under per-row beta [N] and weights [N, K].
 
-    Whatever vLLM did to these rows since compute_logits (grammar and allowed-token
-    masks, bad words, logit bias) is kept.
+    Whatever vLLM did to the rows since compute_logits (grammar and allowed-token masks,
+    bad words, logit bias) is kept. Rows on the engine's defaults are left exactly as they are.
     """
     step = latest_step_logits()
     if step.base.shape[0] != logits.shape[0]:
         raise RuntimeError(
             f"GenARM: {logits.shape[0]} logits rows but the model computed {step.base.shape[0]}"
         )
-    current = logits[rows]
-    num_rows = current.shape[0]
+    # The request's mix minus the default mix is sum_i (w_i/beta - w0_i/beta0) * arm_i:
+    # the GenARM rule with those coefficients, added to the current scores.
+    change = weights.float() / beta.float().unsqueeze(-1) - (
+        step.default_weights / step.default_beta.unsqueeze(-1)
+    )
     if step.reward_models_cover_base():
-        # The request's mix minus the default mix is sum_i (w_i/beta - w0_i/beta0) * arm_i:
-        # the GenARM rule with those coefficients, applied on top of the current scores.
-        change = weights.float() / beta.float().unsqueeze(-1) - (
-            step.default_weights / step.default_beta.unsqueeze(-1)
-        )
+        ones = torch.ones(logits.shape[0], device=logits.device)
         return combine_logprobs(
-            current, [arm[rows] for arm in step.reward_models],
-            torch.ones(num_rows, device=current.device), change, step.width,
+            logits, step.reward_models, ones, change, logits.shape[-1], in_place=True
         )
-    # A reward model lacks some ids: recompute both mixes; vLLM's edits are the
-    # difference between the current rows and the default mix (NaN where both are -inf).
-    edits = current - step.mix_defaults(rows)
-    return step.mix(rows, beta, weights) + edits.nan_to_num_(nan=0.0, posinf=math.inf,
-                                                             neginf=-math.inf)
+    # A reward model lacks some ids: recompute both mixes of the changed rows; vLLM's
+    # edits are the difference between the current rows and the default mix (NaN where
+    # both are -inf).
+    changed = (change != 0).any(dim=-1, keepdim=True)  # a mask, not indices: no host sync
+    edits = (logits - step.mix_defaults()).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
+    return logits.copy_(torch.where(changed, step.mix(beta, weights) + edits, logits))
 
 
 class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
@@ -168,12 +165,17 @@ class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         if ctx is not None:  # V2
             slots = ctx.expanded_idx_mapping
-            return remix(logits, slice(None), self.slot_beta[slots], self.slot_weights[slots])
+            return remix_(logits, self.slot_beta[slots], self.slot_weights[slots])
         if not self.overrides:
             return logits
-        indices = sorted(self.overrides)
-        rows = torch.tensor(indices, device=logits.device)
-        beta = torch.tensor([self.overrides[i][0] for i in indices], device=logits.device)
-        weights = torch.tensor([self.overrides[i][1] for i in indices], device=logits.device)
-        logits[rows] = remix(logits, rows, beta, weights)
-        return logits
+        # One pass over the whole batch (rows on the defaults get a zero change) is
+        # cheaper than gathering and scattering the overridden rows.
+        num_rows = logits.shape[0]
+        betas = [self.default_beta] * num_rows
+        weights = [self.default_weights] * num_rows
+        for index, (beta, row_weights) in self.overrides.items():
+            betas[index], weights[index] = beta, row_weights
+        return remix_(
+            logits, torch.tensor(betas, device=logits.device),
+            torch.tensor(weights, device=logits.device),
+        )

@@ -62,19 +62,28 @@ def combine_logprobs(
     beta: torch.Tensor,
     weights: torch.Tensor,
     width: int,
+    *,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """The GenARM rule on log-probs (see vocab_logprobs): base + sum_i (w_i / beta) * arm_i.
 
     Returns [N, width]; ids the base lacks, and ids a reward model with a non-zero weight
     lacks, are -inf. A zero weight leaves the row exactly as the base has it.
+    With in_place=True the reward terms are added to `base_logprobs` itself, which must
+    already be [N, width] (the engine re-mixing vLLM's logits without a copy).
     """
     if len(reward_logprobs) != weights.shape[-1]:
         raise ValueError(
             f"got {len(reward_logprobs)} reward models but {weights.shape[-1]} weights per row"
         )
     num_rows, base_width = base_logprobs.shape
-    mixed = base_logprobs.new_full((num_rows, width), -math.inf)
-    mixed[:, :base_width] = base_logprobs
+    if in_place:
+        if base_width != width:
+            raise ValueError(f"in-place mixing needs [N, {width}] scores, got {base_width} columns")
+        mixed = base_logprobs
+    else:
+        mixed = base_logprobs.new_full((num_rows, width), -math.inf)
+        mixed[:, :base_width] = base_logprobs
     coefficients = weights.float() / beta.float().unsqueeze(-1)  # [N, K]
     for i, logprobs in enumerate(reward_logprobs):
         coefficient = coefficients[:, i : i + 1]

@@ -41,17 +41,13 @@ class StepLogits:
     default_beta: torch.Tensor  # [1]
     default_weights: torch.Tensor  # [1, K]
 
-    def mix(self, rows, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The GenARM mix of the selected rows with per-row beta [n] and weights [n, K]."""
-        return combine_logprobs(
-            self.base[rows], [arm[rows] for arm in self.reward_models], beta, weights, self.width
-        )
+    def mix(self, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The GenARM mix of every row with per-row beta [N] and weights [N, K]."""
+        return combine_logprobs(self.base, self.reward_models, beta, weights, self.width)
 
-    def mix_defaults(self, rows) -> torch.Tensor:
-        num_rows = self.base[rows].shape[0]
-        return self.mix(
-            rows, self.default_beta.expand(num_rows), self.default_weights.expand(num_rows, -1)
-        )
+    def mix_defaults(self) -> torch.Tensor:
+        num_rows = self.base.shape[0]
+        return self.mix(self.default_beta.expand(num_rows), self.default_weights.expand(num_rows, -1))
 
     def reward_models_cover_base(self) -> bool:
         """Every reward model scores every id the base does (the usual case)."""
@@ -175,7 +171,7 @@ class GenARMForCausalLM(nn.Module):
             self.default_weights,
         )
         # float32: the sampler works in float32 anyway.
-        return _latest_step.mix_defaults(slice(None))
+        return _latest_step.mix_defaults()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # The base checkpoint's names carry no prefix; reward models' carry theirs.

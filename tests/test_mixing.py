@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from genarm_vllm.mixing import check_guidance, mix_logprobs, resolve_guidance
+from genarm_vllm.mixing import (
+    check_guidance,
+    combine_logprobs,
+    mix_logprobs,
+    resolve_guidance,
+    vocab_logprobs,
+)
 
 
 def float64_mix(base, arms, beta, weights, vocab):
@@ -52,6 +58,19 @@ def test_reward_model_with_smaller_vocab_masks_missing_ids():
     torch.testing.assert_close(got[2], torch.log_softmax(base[2], -1))
     want = float64_mix(base, [arm], beta, weights, 40)
     torch.testing.assert_close(got[:2, :30].double(), want[:2, :30], rtol=1e-5, atol=1e-4)
+
+
+def test_in_place_mix_equals_the_new_tensor_mix():
+    g = torch.Generator().manual_seed(2)
+    base = vocab_logprobs(torch.randn(4, 48, generator=g), 48)
+    arms = [vocab_logprobs(torch.randn(4, w, generator=g), 48) for w in (48, 40)]
+    beta, weights = torch.rand(4, generator=g) + 0.1, torch.randn(4, 2, generator=g)
+    want = combine_logprobs(base, arms, beta, weights, width=48)
+    scores = base.clone()
+    assert combine_logprobs(scores, arms, beta, weights, width=48, in_place=True) is scores
+    assert torch.equal(scores, want)
+    with pytest.raises(ValueError, match="in-place mixing needs"):
+        combine_logprobs(base, arms, beta, weights, width=56, in_place=True)
 
 
 def test_zero_weights_give_exactly_base_log_softmax():
