@@ -87,6 +87,7 @@ def run(args) -> list[dict]:
     from vllm import LLM
 
     from genarm_vllm import GuidedLLM
+    from genarm_vllm.config import engine_defaults
     from genarm_vllm.reference import ReferenceDecoder
     from genarm_vllm.validation import tokenizer_length
 
@@ -96,10 +97,12 @@ def run(args) -> list[dict]:
         arms["small"] = truncated_copy(base, args.small_layers, Path(args.work) / "arm_small")
     vocab = tokenizer_length(str(base))
     results = []
-    plain_base = LLM(model=str(base), **ENGINE_KWARGS)
+    # Plain engines get GuidedLLM's defaults too: (a), (b) and (c) run the same settings.
+    plain_kwargs = {**engine_defaults(), **ENGINE_KWARGS}
+    plain_base = LLM(model=str(base), **plain_kwargs)
     keep_alive = [plain_base]  # a collected in-process engine breaks the others
     for arm_name, arm in arms.items():
-        plain_arm = LLM(model=str(arm), **ENGINE_KWARGS) if arm != base else plain_base
+        plain_arm = LLM(model=str(arm), **plain_kwargs) if arm != base else plain_base
         guided = GuidedLLM(base, [arm], beta=1.0, **ENGINE_KWARGS)
         keep_alive += [plain_arm, guided]
         reference = ReferenceDecoder(base, [arm], dtype=getattr(torch, ENGINE_KWARGS["dtype"]))
@@ -299,13 +302,15 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     results = run(args)
+    from genarm_vllm.config import engine_defaults
     report = {
         "settings": {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
             "cpu_extensions": _cpu_extensions(),
             "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
             "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"],
-            "engine": ENGINE_KWARGS, "prompt_len": args.prompt_len,
+            "engine": ENGINE_KWARGS, "engine_defaults": engine_defaults(),
+            "prompt_len": args.prompt_len,
             "output_len": args.output_len, "quick": args.quick,
             "wall_s": round(time.time() - start, 1),
         },

