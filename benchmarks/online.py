@@ -6,6 +6,7 @@ carrying its own guidance in `vllm_xargs`. Reports request throughput, output to
 and TTFT / TPOT / ITL / end-to-end latency percentiles.
 
     python benchmarks/online.py --concurrency 1,8,32 --num-prompts 64 --json artifacts/bench/online.json
+    python benchmarks/online.py --concurrency 8,32 --dtype bfloat16   # other flags go to the server
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ KEYS = ["request_throughput", "output_throughput", "mean_ttft_ms", "p50_ttft_ms"
         "mean_e2el_ms", "p99_e2el_ms", "completed"]
 
 
-def start_server(base: str, arm: str, port: int, log_path: Path) -> subprocess.Popen:
+def start_server(base: str, arm: str, port: int, log_path: Path,
+                 server_args: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "genarm_vllm.cli", "serve", "--base", base,
            "--reward-model", arm, "--port", str(port), "--host", "127.0.0.1",
-           "--served-model-name", "genarm", "--max-model-len", "512", "--enforce-eager"]
+           "--served-model-name", "genarm", "--max-model-len", "512", "--enforce-eager",
+           *server_args]
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while time.time() < deadline:
@@ -82,7 +85,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--work", default="artifacts/bench")
     parser.add_argument("--json", help="write results as JSON here")
-    args = parser.parse_args()
+    args, server_args = parser.parse_known_args()  # the rest: vLLM server flags
     if args.base is None:
         from genarm_vllm.demo.smollm2 import DEFAULT_DEST, prepare_smollm2
 
@@ -90,7 +93,7 @@ def main() -> None:
     arm = args.arm or args.base
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    server = start_server(args.base, arm, args.port, work / "online_server.log")
+    server = start_server(args.base, arm, args.port, work / "online_server.log", server_args)
     try:
         results = [run_client(args.base, args.port, int(c), args) for c in args.concurrency.split(",")]
     finally:
@@ -104,7 +107,8 @@ def main() -> None:
                                    for h in header) + " |\n"
     print(table)
     out = Path(args.json) if args.json else work / "online.json"
-    out.write_text(json.dumps({"base": args.base, "arm": arm, "results": results}, indent=2) + "\n")
+    out.write_text(json.dumps({"base": args.base, "arm": arm, "server_args": server_args,
+                               "results": results}, indent=2) + "\n")
     (work / "online.md").write_text(table)
     print(f"wrote {out}")
 

@@ -6,7 +6,7 @@ beta / weights. A request may carry its own in `SamplingParams.extra_args`
 
     {"genarm_beta": 0.5, "genarm_weights": [1.0, 0.3]}
 
-and this processor re-mixes that request's rows from the step's log-probs.
+and this processor re-mixes that request's rows from the step's logits.
 
 One class serves both vLLM model runners, so users name one class whatever runner their
 vLLM picks (`--logits-processors genarm_vllm.logits_processor:GenARMLogitsProcessor`):

@@ -6,10 +6,15 @@ i.e. pi_dec proportional to pi_base * prod_i pi_arm_i^(w_i / beta) (GenARM, ICLR
 and the official code's model-arithmetic formula). Temperature, top-k and top-p are the
 sampler's job and act on z afterwards, exactly as the official code does.
 
+log_softmax(x) is x minus one constant per row, so the rule is computed on raw logits:
+z differs from the formula above by a per-row constant, which the sampler's softmax,
+top-k / top-p and vLLM's log-prob normalisation all ignore. That saves a log-softmax per
+model per step (the decoding distribution and returned logprobs are unchanged).
+
 The rule itself is `combine_logprobs`; `mix_logprobs` applies it to raw logits and is
 what everything that decodes with GenARM calls (the vLLM engine, the Hugging Face
-reference decoder, benchmarks, tests). The engine keeps the log-probs of a step
-(`vocab_logprobs`) so that per-request guidance only re-runs `combine_logprobs`.
+reference decoder, benchmarks, tests). The engine keeps the logits of a step
+(`vocab_logits`) so that per-request guidance only re-runs `combine_logprobs`.
 `check_guidance` is the one validation of user-given beta / weights.
 """
 
@@ -39,21 +44,24 @@ def mix_logprobs(
             dropped before the softmax, as the official code does.
 
     Returns:
-        [N, Vb] scores (unnormalised log-probabilities). Token ids >= V, and ids that a
-        reward model with a non-zero weight does not have, are -inf.
+        [N, Vb] scores: the mixed log-probabilities up to a per-row constant. Token ids
+        >= V, and ids that a reward model with a non-zero weight does not have, are -inf.
     """
     return combine_logprobs(
-        vocab_logprobs(base_logits, vocab_size),
-        [vocab_logprobs(logits, vocab_size) for logits in reward_logits],
+        vocab_logits(base_logits, vocab_size),
+        [vocab_logits(logits, vocab_size) for logits in reward_logits],
         beta,
         weights,
         width=base_logits.shape[-1],
     )
 
 
-def vocab_logprobs(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """float32 log_softmax over a model's ids below the tokenizer length: [N, min(V, Vi)]."""
-    return torch.log_softmax(logits[:, :vocab_size].float(), dim=-1)
+def vocab_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A model's float32 logits of the ids below the tokenizer length: [N, min(V, Vi)].
+
+    Its log-probs up to a per-row constant (see the module doc).
+    """
+    return logits[:, :vocab_size].float()
 
 
 def combine_logprobs(
@@ -65,7 +73,9 @@ def combine_logprobs(
     *,
     in_place: bool = False,
 ) -> torch.Tensor:
-    """The GenARM rule on log-probs (see vocab_logprobs): base + sum_i (w_i / beta) * arm_i.
+    """The GenARM rule: base + sum_i (w_i / beta) * arm_i.
+
+    Inputs are log-probs up to a per-row constant each (vocab_logits), the output too.
 
     Returns [N, width]; ids the base lacks, and ids a reward model with a non-zero weight
     lacks, are -inf. A zero weight leaves the row exactly as the base has it.
@@ -88,7 +98,7 @@ def combine_logprobs(
     for i, logprobs in enumerate(reward_logprobs):
         coefficient = coefficients[:, i : i + 1]
         shared = min(base_width, logprobs.shape[-1])
-        # Log-probs of a model's own ids are finite, so a zero weight adds exactly 0.
+        # Logits of a model's own ids are finite, so a zero weight adds exactly 0.
         mixed[:, :shared].addcmul_(logprobs[:, :shared], coefficient)
         if shared < base_width:  # ids this reward model lacks: impossible unless weight 0
             mixed[:, shared:base_width].masked_fill_(coefficient != 0, -math.inf)

@@ -5,7 +5,7 @@ manager gives every reward model (ARM) its own paged KV tensors under the same b
 table: continuous batching, chunked prefill, prefix caching and preemption cover all
 models at once. `forward` runs every sub-model on the same tokens and returns their
 hidden states side by side; `compute_logits` splits them, mixes with the engine's default
-guidance, and keeps the step's normalised log-probs for `GenARMLogitsProcessor`, which
+guidance, and keeps the step's logits for `GenARMLogitsProcessor`, which
 re-mixes the rows of requests that carry their own guidance.
 
 Selected through the hf_config fields described in genarm_vllm/config.py.
@@ -27,13 +27,13 @@ from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model
 
 from genarm_vllm.config import ARCHITECTURE, GuidanceConfig
-from genarm_vllm.mixing import combine_logprobs, vocab_logprobs
+from genarm_vllm.mixing import combine_logprobs, vocab_logits
 from genarm_vllm.validation import check_reward_models, tokenizer_length
 
 
 @dataclass
 class StepLogits:
-    """Log-probs (vocab_logprobs) of the latest compute_logits call, one row per logits row."""
+    """Logits (vocab_logits) of the latest compute_logits call, one row per logits row."""
 
     base: torch.Tensor  # [N, min(V, Vb)]
     reward_models: list[torch.Tensor]  # K x [N, min(V, Vi)]
@@ -164,8 +164,8 @@ class GenARMForCausalLM(nn.Module):
         if base_logits is None:  # a tensor-parallel rank that does not sample
             return None
         _latest_step = StepLogits(
-            vocab_logprobs(base_logits, self.vocab_size),
-            [vocab_logprobs(logits, self.vocab_size) for logits in reward_logits],
+            vocab_logits(base_logits, self.vocab_size),
+            [vocab_logits(logits, self.vocab_size) for logits in reward_logits],
             base_logits.shape[-1],
             self.default_beta,
             self.default_weights,

@@ -80,10 +80,8 @@ def check_models(base, reward_models, engine_kwargs: dict) -> list[str]:
     tp = engine_kwargs.get("tensor_parallel_size", 1)
     check_reward_models(str(base), reward_models,
                         max_model_len=engine_kwargs.get("max_model_len"), tensor_parallel_size=tp)
-    try:  # the base is sharded by the same rule as its reward models
-        check_tensor_parallel(str(base), tp)
-    except ValueError as e:
-        raise ValueError(str(e).replace("reward model", "base model", 1)) from None
+    # The base is sharded by the same rule as its reward models.
+    check_tensor_parallel(str(base), tp, role="base model")
     return reward_models
 
 

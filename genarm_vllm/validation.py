@@ -54,9 +54,11 @@ def check_max_model_len(reward_model: str, max_model_len: int) -> None:
         )
 
 
-def check_tensor_parallel(reward_model: str, tensor_parallel_size: int) -> None:
+def check_tensor_parallel(
+    model: str, tensor_parallel_size: int, role: str = "reward model"
+) -> None:
     """Reward models are sharded like the base: their heads must divide by the TP size."""
-    config = AutoConfig.from_pretrained(reward_model)
+    config = AutoConfig.from_pretrained(model)
     config = getattr(config, "text_config", None) or config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
@@ -64,7 +66,7 @@ def check_tensor_parallel(reward_model: str, tensor_parallel_size: int) -> None:
     # vLLM replicates KV heads when there are fewer than TP ranks (tp % kv_heads == 0).
     if heads % tp or (kv_heads % tp if kv_heads >= tp else tp % kv_heads):
         raise ValueError(
-            f"reward model {reward_model} has {heads} attention heads and {kv_heads} KV "
+            f"{role} {model} has {heads} attention heads and {kv_heads} KV "
             f"heads, which cannot be sharded over tensor_parallel_size={tp}: the head count "
             "must be divisible by it, and the KV-head count divisible by it or a divisor of it"
         )

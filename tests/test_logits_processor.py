@@ -21,7 +21,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.loader import (
 
 import genarm_vllm.model as genarm_model
 from genarm_vllm.logits_processor import GenARMLogitsProcessor
-from genarm_vllm.mixing import mix_logprobs, vocab_logprobs
+from genarm_vllm.mixing import mix_logprobs, vocab_logits
 
 VOCAB, WIDTH, DEFAULT_BETA, DEFAULT_WEIGHTS = 40, 44, 1.0, [1.0, 0.5]
 
@@ -54,7 +54,7 @@ class Step:
         self.arms = [torch.randn(rows, WIDTH, generator=g) * 3,
                      torch.randn(rows, VOCAB - 5 if small_arm else WIDTH, generator=g) * 3]
         genarm_model._latest_step = genarm_model.StepLogits(
-            vocab_logprobs(self.base, VOCAB), [vocab_logprobs(a, VOCAB) for a in self.arms],
+            vocab_logits(self.base, VOCAB), [vocab_logits(a, VOCAB) for a in self.arms],
             WIDTH, torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
         )
         # What compute_logits hands the sampler: every row mixed with the defaults.
