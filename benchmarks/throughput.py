@@ -33,7 +33,10 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+# Prefix caching off: every run repeats the same prompts, and every system must do the
+# same work each time (the HF decoder caches nothing between calls).
+ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                     enable_prefix_caching=False)
 
 
 def truncated_copy(model_dir: Path, num_layers: int, out: Path) -> Path:
@@ -56,19 +59,24 @@ def truncated_copy(model_dir: Path, num_layers: int, out: Path) -> Path:
 
 def random_prompts(vocab_size: int, count: int, length: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
-    return [[rng.randrange(100, vocab_size) for _ in range(length)] for _ in range(count)]
+    low = min(100, vocab_size // 2)  # skip the special tokens at the start of most vocabularies
+    return [[rng.randrange(low, vocab_size) for _ in range(length)] for _ in range(count)]
 
 
-def vllm_tokens_per_s(llm, prompts, output_len, guidance=None) -> float:
+def vllm_tokens_per_s(llm, prompts, output_len, guidance=None, min_seconds=0.0) -> float:
+    """Output tokens/s, generating again until min_seconds have passed (short runs are noisy)."""
     from vllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     kwargs = {} if guidance is None else {"guidance": guidance}
-    start = time.perf_counter()
-    outputs = llm.generate(inputs, params, use_tqdm=False, **kwargs)
-    elapsed = time.perf_counter() - start
-    return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
+    tokens, elapsed = 0, 0.0
+    while tokens == 0 or elapsed < min_seconds:
+        start = time.perf_counter()
+        outputs = llm.generate(inputs, params, use_tqdm=False, **kwargs)
+        elapsed += time.perf_counter() - start
+        tokens += sum(len(o.outputs[0].token_ids) for o in outputs)
+    return tokens / elapsed
 
 
 def reference_tokens_per_s(decoder, prompts, output_len, batch_size) -> float:
@@ -112,11 +120,12 @@ def run(args) -> list[dict]:
         for batch in args.batch_sizes:
             prompts = random_prompts(vocab, batch, args.prompt_len, seed=batch)
             row = {"arm": arm_name, "arm_path": str(arm), "batch": batch}
-            row["a_base_vllm"] = vllm_tokens_per_s(plain_base, prompts, args.output_len)
-            row["b_arm_vllm"] = vllm_tokens_per_s(plain_arm, prompts, args.output_len)
-            row["c_genarm"] = vllm_tokens_per_s(guided, prompts, args.output_len)
+            measure = dict(output_len=args.output_len, min_seconds=args.min_seconds)
+            row["a_base_vllm"] = vllm_tokens_per_s(plain_base, prompts, **measure)
+            row["b_arm_vllm"] = vllm_tokens_per_s(plain_arm, prompts, **measure)
+            row["c_genarm"] = vllm_tokens_per_s(guided, prompts, **measure)
             row["c_genarm_heterogeneous"] = vllm_tokens_per_s(
-                guided, prompts, args.output_len, heterogeneous_guidance(batch, 1)
+                guided, prompts, guidance=heterogeneous_guidance(batch, 1), **measure
             )
             # The HF decoder is slow: measure it on a bounded number of prompts.
             row["d_reference_batched"] = reference_tokens_per_s(
@@ -279,6 +288,8 @@ def main() -> None:
                         help="prompts run through the HF reference at batch size 1")
     parser.add_argument("--work", default="artifacts/bench", help="output folder")
     parser.add_argument("--json", help="write results as JSON here")
+    parser.add_argument("--min-seconds", type=float, default=5.0,
+                        help="repeat each vLLM measurement until this long (small batches are noisy)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="dtype of every system (bfloat16 uses AMX where the CPU has it)")
     parser.add_argument("--threads", type=int, default=1,
@@ -290,7 +301,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.batch_sizes, args.output_len = [1, 8, 64], 32
-        args.batch1_prompts = 2
+        args.batch1_prompts, args.min_seconds = 2, min(args.min_seconds, 3.0)
     # Before torch is imported: vLLM and transformers read it once.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     ENGINE_KWARGS["dtype"] = args.dtype
@@ -310,7 +321,7 @@ def main() -> None:
             "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
             "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"],
             "engine": ENGINE_KWARGS, "engine_defaults": engine_defaults(),
-            "prompt_len": args.prompt_len,
+            "prompt_len": args.prompt_len, "min_seconds": args.min_seconds,
             "output_len": args.output_len, "quick": args.quick,
             "wall_s": round(time.time() - start, 1),
         },
