@@ -14,8 +14,10 @@ BASE="${1:?usage: launch/serve.sh BASE_DIR ARM_DIR [ARM_DIR2 ...]}"; shift
 ARMS=()
 for arm in "$@"; do ARMS+=(--reward-model "$arm"); done
 
-# CPU builds: one OpenMP thread per engine core is fastest on small machines;
-# raise VLLM_CPU_KVCACHE_SPACE (GiB) on machines with more memory.
+# CPU builds: OMP_NUM_THREADS is the cores the engine computes on (1 leaves the second
+# core of a 2-core machine to the API server); raise VLLM_CPU_KVCACHE_SPACE (GiB) on
+# machines with more memory; DTYPE=bfloat16 is ~2.8x faster on CPUs with AMX (the CPU
+# default is float32).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}"
 
 # GPU deployments: add e.g. --tensor-parallel-size 2 --gpu-memory-utilization 0.9; the
@@ -25,4 +27,5 @@ exec "$ROOT/.venv/bin/genarm-vllm" serve --base "$BASE" "${ARMS[@]}" \
   --served-model-name "${SERVED_MODEL_NAME:-genarm}" \
   --beta "${BETA:-1.0}" \
   --max-model-len "${MAX_MODEL_LEN:-2048}" \
-  --max-num-seqs "${MAX_NUM_SEQS:-128}"
+  --max-num-seqs "${MAX_NUM_SEQS:-128}" \
+  ${DTYPE:+--dtype "$DTYPE"}
