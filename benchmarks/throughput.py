@@ -39,6 +39,13 @@ ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, see
                      enable_prefix_caching=False)
 
 
+def vllm_engine_kwargs() -> dict:
+    """What every vLLM system runs: GuidedLLM's defaults, then this benchmark's settings."""
+    from genarm_vllm.config import engine_defaults
+
+    return {**engine_defaults(), **ENGINE_KWARGS}
+
+
 def truncated_copy(model_dir: Path, num_layers: int, out: Path) -> Path:
     """`model_dir` cut to its first `num_layers` layers: a smaller ARM of the same tokenizer.
 
@@ -95,7 +102,6 @@ def run(args) -> list[dict]:
     from vllm import LLM
 
     from genarm_vllm import GuidedLLM
-    from genarm_vllm.config import engine_defaults
     from genarm_vllm.reference import ReferenceDecoder
     from genarm_vllm.validation import tokenizer_length
 
@@ -106,7 +112,7 @@ def run(args) -> list[dict]:
     vocab = tokenizer_length(str(base))
     results = []
     # Plain engines get GuidedLLM's defaults too: (a), (b) and (c) run the same settings.
-    plain_kwargs = {**engine_defaults(), **ENGINE_KWARGS}
+    plain_kwargs = vllm_engine_kwargs()
     plain_base = LLM(model=str(base), **plain_kwargs)
     keep_alive = [plain_base]  # a collected in-process engine breaks the others
     for arm_name, arm in arms.items():
@@ -313,14 +319,13 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     results = run(args)
-    from genarm_vllm.config import engine_defaults
     report = {
         "settings": {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
             "cpu_extensions": _cpu_extensions(),
             "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
             "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"],
-            "engine": {**engine_defaults(), **ENGINE_KWARGS},  # what every vLLM system ran
+            "engine": vllm_engine_kwargs(),
             "prompt_len": args.prompt_len, "min_seconds": args.min_seconds,
             "output_len": args.output_len, "quick": args.quick,
             "wall_s": round(time.time() - start, 1),

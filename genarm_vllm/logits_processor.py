@@ -83,9 +83,9 @@ def remix_(logits: torch.Tensor, beta: torch.Tensor, weights: torch.Tensor) -> t
         return combine_logprobs(
             logits, step.reward_models, ones, change, logits.shape[-1], in_place=True
         )
-    # A reward model lacks some ids: recompute both mixes of the changed rows; vLLM's
-    # edits are the difference between the current rows and the default mix (NaN where
-    # both are -inf).
+    # A reward model lacks some ids: recompute both mixes, and give the new one to the
+    # rows whose guidance changed; vLLM's edits are the difference between the current
+    # rows and the default mix (NaN where both are -inf).
     changed = (change != 0).any(dim=-1, keepdim=True)  # a mask, not indices: no host sync
     edits = (logits - step.mix_defaults()).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
     return logits.copy_(torch.where(changed, step.mix(beta, weights) + edits, logits))

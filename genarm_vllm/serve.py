@@ -73,8 +73,8 @@ def server_argv(
     argv += ["--logits-processors", LOGITS_PROCESSOR, *flags.logits_processors]
     argv += ["--hf-overrides", json.dumps(overrides)]
     for key, value in engine_defaults().items():
-        flag = "--" + key.replace("_", "-")
-        negated = "--no-" + key.replace("_", "-")
+        name = key.replace("_", "-")
+        flag, negated = f"--{name}", f"--no-{name}"
         if any(a.split("=")[0] in (flag, negated) for a in vllm_args):
             continue  # the user chose
         if isinstance(value, bool):  # vLLM's boolean flags: --x / --no-x
