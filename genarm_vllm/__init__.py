@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["GuidedLLM", "ReferenceDecoder", "mix_logprobs", "pack"]
+__all__ = ["GuidedLLM", "ReferenceDecoder", "mix_logits", "pack"]
 
 
 def __getattr__(name):
@@ -16,10 +16,10 @@ def __getattr__(name):
         from genarm_vllm.reference import ReferenceDecoder
 
         return ReferenceDecoder
-    if name == "mix_logprobs":
-        from genarm_vllm.mixing import mix_logprobs
+    if name == "mix_logits":
+        from genarm_vllm.mixing import mix_logits
 
-        return mix_logprobs
+        return mix_logits
     if name == "pack":
         from genarm_vllm.bundle import pack
 

@@ -19,7 +19,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from genarm_vllm.mixing import check_beta, check_weights
+from genarm_vllm.guidance import row_guidance
+from genarm_vllm.tokenization import prompt_ids
 
 OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason")
 
@@ -67,10 +68,7 @@ def check_row(row: object, num_reward_models: int) -> None:
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
     if isinstance(row.get("prompt"), str) == isinstance(row.get("messages"), list):
         raise ValueError('a row needs exactly one of "prompt" (a string) or "messages" (a list)')
-    if "beta" in row:
-        check_beta(row["beta"])
-    if "weights" in row:
-        check_weights(row["weights"], num_reward_models)
+    row_guidance(row, num_reward_models)
 
 
 def completed_rows(output: Path, rows: list[dict]) -> int:
@@ -142,8 +140,11 @@ def generate_lines(llm, rows: list[dict], sampling_params, tokenizer) -> list[st
 
     Shared by this job and the Ray job (genarm_vllm.ray_job), so both write the same rows.
     """
-    prompts = [_prompt(row, tokenizer) for row in rows]
-    guidance = [{k: row[k] for k in ("beta", "weights") if k in row} or None for row in rows]
+    prompts = [
+        {"prompt_token_ids": prompt_ids(tokenizer, row.get("prompt"), row.get("messages"))}
+        for row in rows
+    ]
+    guidance = [row_guidance(row, len(llm.reward_models)) for row in rows]
     results = llm.generate(prompts, sampling_params, guidance=guidance, use_tqdm=False)
     lines = []
     for row, result in zip(rows, results):
@@ -157,10 +158,3 @@ def generate_lines(llm, rows: list[dict], sampling_params, tokenizer) -> list[st
         lines.append(json.dumps(output_row, ensure_ascii=False) + "\n")
     return lines
 
-
-def _prompt(row: dict, tokenizer):
-    if "prompt" in row:
-        return row["prompt"]
-    text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True, tokenize=False)
-    # The template already holds any special tokens: do not add a second BOS.
-    return {"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}

@@ -54,7 +54,7 @@ def parse_weights(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def engine_kwargs(vllm_args: list[str]) -> dict:
+def parse_engine_flags(vllm_args: list[str]) -> dict:
     """vLLM engine flags (as `vllm serve` takes them) -> the LLM(...) kwargs they change."""
     import dataclasses
 
@@ -88,8 +88,7 @@ RAY_FLAGS = ("replicas", "address", "gpus_per_replica", "cpus_per_replica")
 
 def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
     from genarm_vllm.batch_job import completed_rows, read_rows, run_job
-    from genarm_vllm.bundle import read_bundle
-    from genarm_vllm.mixing import check_weights
+    from genarm_vllm.guidance import check_weights, read_bundle
 
     bundle = read_bundle(args.base)
     num_reward_models = len(args.reward_model or (bundle or {}).get("genarm_reward_models") or [])
@@ -107,7 +106,7 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
     if completed_rows(Path(args.output), rows) == len(rows):
         print(f"{args.output} already holds all {len(rows)} rows; nothing to do")
         return 0
-    kwargs = engine_kwargs(vllm_args)
+    vllm_kwargs = parse_engine_flags(vllm_args)
     from vllm import SamplingParams
 
     sampling_params = SamplingParams(
@@ -119,14 +118,14 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
 
         added = run_ray_job(
             args.base, args.reward_model, args.input, args.output, sampling_params,
-            beta=args.beta, weights=args.weights, engine_kwargs=kwargs, rows=rows,
+            beta=args.beta, weights=args.weights, vllm_kwargs=vllm_kwargs, rows=rows,
             chunk_size=args.chunk_size, **ray_options,
         )
     else:
         from genarm_vllm.engine import GuidedLLM
 
         llm = GuidedLLM(args.base, args.reward_model, beta=args.beta, weights=args.weights,
-                        **kwargs)
+                        **vllm_kwargs)
         added = run_job(llm, args.input, args.output, sampling_params, rows=rows,
                         chunk_size=args.chunk_size)
     print(f"wrote {added} rows to {args.output} ({len(rows)} in all)")

@@ -5,15 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from genarm_vllm.bundle import genarm_fields
-from genarm_vllm.config import engine_defaults
-from genarm_vllm.logits_processor import (
-    BETA_KEY,
-    WEIGHTS_KEY,
-    GenARMLogitsProcessor,
-    request_guidance,
-)
-from genarm_vllm.mixing import resolve_guidance
+from genarm_vllm.guidance import genarm_fields, request_guidance, resolve_guidance, with_guidance
+from genarm_vllm.logits_processor import GenARMLogitsProcessor
+from genarm_vllm.runtime import engine_defaults
 from genarm_vllm.validation import check_reward_models
 
 
@@ -28,9 +22,11 @@ class GuidedLLM:
         weights: default weight per reward model (None: 1.0 each).
         **vllm_engine_kwargs: anything `vllm.LLM` takes (max_model_len, tensor_parallel_size,
             enforce_eager, gpu_memory_utilization, ...). Defaults differ from vLLM's
-            (see config.engine_defaults): logprobs_mode="processed_logprobs", so returned
-            logprobs are each request's own guided distribution, and on a machine
-            without a GPU dtype="float32" and enable_chunked_prefill=False.
+            (see runtime.engine_defaults): logprobs_mode="processed_logprobs", so returned
+            logprobs are each request's own guided distribution; max_model_len at most
+            every reward model's maximum positions; and on a machine without a GPU
+            dtype="float32", enable_chunked_prefill=False and a KV cache of a quarter
+            of the available memory.
     """
 
     def __init__(
@@ -59,7 +55,7 @@ class GuidedLLM:
         kwargs = dict(vllm_engine_kwargs)
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **fields}
         kwargs["logits_processors"] = [GenARMLogitsProcessor, *(kwargs.get("logits_processors") or [])]
-        kwargs = {**engine_defaults(), **kwargs}
+        kwargs = {**engine_defaults(base, self.reward_models, kwargs), **kwargs}
         self.llm = LLM(model=base, **kwargs)
 
     def get_tokenizer(self):
@@ -94,13 +90,8 @@ class GuidedLLM:
             request_guidance(sp, len(self.reward_models))
         per_prompt = resolve_guidance(guidance, len(prompt_list), self.beta, self.weights)
         params = [
-            sp if g is None else _with_guidance(sp, *g)
+            sp if g is None else with_guidance(sp, *g)
             for sp, g in zip(sampling_params, per_prompt)
         ]
         return self.llm.generate(prompt_list, params, use_tqdm=use_tqdm)
 
-
-def _with_guidance(params, beta: float, weights: list[float]):
-    params = params.clone()
-    params.extra_args = {**(params.extra_args or {}), BETA_KEY: beta, WEIGHTS_KEY: weights}
-    return params

@@ -30,36 +30,16 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from genarm_vllm.config import ARCHITECTURE, NUM_REWARD_MODELS_ENV, GuidanceConfig
-from genarm_vllm.mixing import check_beta, check_weights, combine_logprobs
+from genarm_vllm.guidance import (
+    ARCHITECTURE,
+    NUM_REWARD_MODELS_ENV,
+    GuidanceConfig,
+    request_guidance,
+)
+from genarm_vllm.mixing import combine_scores
 from genarm_vllm.model import latest_step_logits
 
 logger = logging.getLogger(__name__)
-
-BETA_KEY = "genarm_beta"
-WEIGHTS_KEY = "genarm_weights"
-
-
-def request_guidance(
-    params: SamplingParams, num_reward_models: int | None
-) -> tuple[float | None, list[float] | None] | None:
-    """The (beta, weights) a request overrides (either may be None), or None if neither.
-
-    With num_reward_models=None the weights count is not checked (unknown in this process).
-    """
-    extra = params.extra_args or {}
-    if BETA_KEY not in extra and WEIGHTS_KEY not in extra:
-        return None
-    beta = check_beta(extra[BETA_KEY], BETA_KEY) if BETA_KEY in extra else None
-    weights = None
-    if WEIGHTS_KEY in extra:
-        count = num_reward_models if num_reward_models is not None else _length(extra[WEIGHTS_KEY])
-        weights = check_weights(extra[WEIGHTS_KEY], count, WEIGHTS_KEY)
-    return beta, weights
-
-
-def _length(value: object) -> int:
-    return len(value) if isinstance(value, (list, tuple)) else 1
 
 
 def remix_(logits: torch.Tensor, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -80,7 +60,7 @@ def remix_(logits: torch.Tensor, beta: torch.Tensor, weights: torch.Tensor) -> t
     )
     if step.reward_models_cover_base():
         ones = torch.ones(logits.shape[0], device=logits.device)
-        return combine_logprobs(
+        return combine_scores(
             logits, step.reward_models, ones, change, logits.shape[-1], in_place=True
         )
     # A reward model lacks some ids: recompute both mixes, and give the new one to the

@@ -8,7 +8,7 @@ hidden states side by side; `compute_logits` splits them, mixes with the engine'
 guidance, and keeps the step's logits for `GenARMLogitsProcessor`, which
 re-mixes the rows of requests that carry their own guidance.
 
-Selected through the hf_config fields described in genarm_vllm/config.py.
+Selected through the hf_config fields described in genarm_vllm/guidance.py.
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model
 
-from genarm_vllm.config import ARCHITECTURE, GuidanceConfig
-from genarm_vllm.mixing import combine_logprobs, vocab_logits
+from genarm_vllm.guidance import ARCHITECTURE, GuidanceConfig
+from genarm_vllm.mixing import combine_scores, tokenizer_columns
 from genarm_vllm.validation import check_reward_models, tokenizer_length
 
 
 @dataclass
 class StepLogits:
-    """Logits (vocab_logits) of the latest compute_logits call, one row per logits row."""
+    """Logits (tokenizer_columns) of the latest compute_logits call, one row per logits row."""
 
     base: torch.Tensor  # [N, min(V, Vb)]
     reward_models: list[torch.Tensor]  # K x [N, min(V, Vi)]
@@ -43,7 +43,7 @@ class StepLogits:
 
     def mix(self, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The GenARM mix of every row with per-row beta [N] and weights [N, K]."""
-        return combine_logprobs(self.base, self.reward_models, beta, weights, self.width)
+        return combine_scores(self.base, self.reward_models, beta, weights, self.width)
 
     def mix_defaults(self) -> torch.Tensor:
         num_rows = self.base.shape[0]
@@ -164,8 +164,8 @@ class GenARMForCausalLM(nn.Module):
         if base_logits is None:  # a tensor-parallel rank that does not sample
             return None
         _latest_step = StepLogits(
-            vocab_logits(base_logits, self.vocab_size),
-            [vocab_logits(logits, self.vocab_size) for logits in reward_logits],
+            tokenizer_columns(base_logits, self.vocab_size),
+            [tokenizer_columns(logits, self.vocab_size) for logits in reward_logits],
             base_logits.shape[-1],
             self.default_beta,
             self.default_weights,

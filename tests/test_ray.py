@@ -21,15 +21,14 @@ from vllm import SamplingParams  # noqa: E402
 
 from genarm_vllm import ray_job  # noqa: E402
 from genarm_vllm.batch_job import run_job  # noqa: E402
-from genarm_vllm.cli import engine_kwargs, main  # noqa: E402
+from genarm_vllm.cli import main, parse_engine_flags  # noqa: E402
+from genarm_vllm.runtime import LOCAL_ENV  # noqa: E402
 from genarm_vllm.testing import build_model, build_tokenizer  # noqa: E402
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ENGINE_FLAGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
 # What every replica needs on this machine (see README: CPU settings).
-ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "1",
-             "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-             "TOKENIZERS_PARALLELISM": "false"}
+ACTOR_ENV = LOCAL_ENV
 WORDS = "the cat sat on a dog happy sun we love green trees she saw big red car".split()
 
 
@@ -99,9 +98,9 @@ def test_cli_passes_ray_and_engine_flags(tiny, tmp_path, monkeypatch, capsys):
     assert (base, arms, params.temperature) == (str(tiny["base"]), [str(tiny["arm_same"])], 0)
     assert {k: kwargs[k] for k in ("replicas", "address", "gpus_per_replica")} == {
         "replicas": 3, "address": "auto", "gpus_per_replica": 2}
-    assert kwargs["engine_kwargs"] == engine_kwargs([*tp, *ENGINE_FLAGS])
-    assert kwargs["engine_kwargs"]["tensor_parallel_size"] == 2
-    assert kwargs["engine_kwargs"]["distributed_executor_backend"] == "ray"
+    assert kwargs["vllm_kwargs"] == parse_engine_flags([*tp, *ENGINE_FLAGS])
+    assert kwargs["vllm_kwargs"]["tensor_parallel_size"] == 2
+    assert kwargs["vllm_kwargs"]["distributed_executor_backend"] == "ray"
     assert [r["id"] for r in kwargs["rows"]] == ["r0", "r1", "r2"]
 
     code = main([str(a) for a in [*args, "--replicas", "2"]])
@@ -141,13 +140,13 @@ def test_tensor_parallel_error_fires_before_ray_starts(tiny, tmp_path, monkeypat
     # arm_small has 1 attention head: it cannot be split over 2 GPUs.
     with pytest.raises(ValueError, match=r"arm_small has 1 attention heads.*tensor_parallel_size=2"):
         ray_job.run_ray_job(tiny["base"], [tiny["arm_small"]], infile, tmp_path / "o.jsonl",
-                            GREEDY, engine_kwargs=tp2)
+                            GREEDY, vllm_kwargs=tp2)
     # The base is checked too: 2 heads over 4 GPUs (the reward model, 4 heads, would fit).
     base2 = build_model(tmp_path / "base2", build_tokenizer(tmp_path / "tok"), hidden_size=64,
                         num_attention_heads=2, num_key_value_heads=1)
     with pytest.raises(ValueError, match=r"base model .*base2 has 2 attention heads"):
         ray_job.run_ray_job(base2, [tiny["arm_same"]], infile, tmp_path / "o.jsonl", GREEDY,
-                            engine_kwargs={"tensor_parallel_size": 4})
+                            vllm_kwargs={"tensor_parallel_size": 4})
     # As a user sees it.
     code = main([str(a) for a in ["generate", *model_args(tiny), "--input", infile, "--output",
                                   tmp_path / "o.jsonl", "--ray", "--tensor-parallel-size", "2",
@@ -224,7 +223,7 @@ def test_killed_worker_and_interrupted_run_lose_and_duplicate_nothing(
     try:
         added = ray_job.run_ray_job(
             tiny["base"], [tiny["arm_small"]], infile, outfile, GREEDY, beta=0.5,
-            engine_kwargs=dict(enforce_eager=True, max_model_len=256, dtype="float32"),
+            vllm_kwargs=dict(enforce_eager=True, max_model_len=256, dtype="float32"),
             replicas=2, cpus_per_replica=1, chunk_size=2, env_vars=ACTOR_ENV,
         )
     finally:

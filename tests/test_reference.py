@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from genarm_vllm.mixing import mix_logprobs
+from genarm_vllm.mixing import mix_logits
 from genarm_vllm.reference import ReferenceDecoder, top_k_top_p_filter
 from genarm_vllm.testing import build_model, build_tokenizer
 
@@ -19,7 +19,7 @@ def no_cache_greedy(base, arms, prompt_ids, steps, beta, weights, vocab):
         for _ in range(steps):
             x = torch.tensor([ids])
             logits = [m(x).logits[:, -1] for m in models]
-            nxt = int(mix_logprobs(logits[0], logits[1:], torch.tensor([beta]),
+            nxt = int(mix_logits(logits[0], logits[1:], torch.tensor([beta]),
                                    torch.tensor([weights]), vocab).argmax())
             out.append(nxt)
             ids.append(nxt)

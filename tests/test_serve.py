@@ -34,14 +34,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny, tmp_path_factory):
-    """A GenARM server started as a user would; stopped with SIGTERM at the end."""
+def start_server(tiny, folder, arms):
+    """A GenARM server started as a user would: (process, url, log) once healthy."""
     port = free_port()
-    log = open(tmp_path_factory.mktemp("serve") / "server.log", "w+")
+    log = open(folder / "server.log", "w+")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the server's normal mode
     cmd = [sys.executable, "-m", "genarm_vllm.cli", "serve", "--base", str(tiny["base"]),
-           *[a for arm in ARMS for a in ("--reward-model", str(tiny[arm]))],
+           *[a for arm in arms for a in ("--reward-model", str(tiny[arm]))],
            "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
            "--enforce-eager", "--served-model-name", "genarm-tiny"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -58,6 +57,13 @@ def server(tiny, tmp_path_factory):
             stop_tree(proc)
             pytest.fail("server did not start:\n" + log.read()[-5000:])
         time.sleep(1)
+    return proc, url, log
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    """The module's server (two reward models); stopped at the end."""
+    proc, url, log = start_server(tiny, tmp_path_factory.mktemp("serve"), ARMS)
     yield proc, url, log
     stop_tree(proc)
 
@@ -196,11 +202,58 @@ def test_bounded_load_with_a_client_that_disconnects(server, client, engine):
     assert requests.get(url + "/health", timeout=5).status_code == 200
 
 
-def test_sigterm_stops_cleanly_without_children(server):
-    proc, url, log = server
-    children = psutil.Process(proc.pid).children(recursive=True)
-    assert children, "vLLM's server runs its engine in a child process"
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) is not None
-    gone, alive = psutil.wait_procs(children, timeout=30)
-    assert not alive, [p.pid for p in alive]
+def test_serve_applies_engine_defaults_unless_the_user_sets_them(tiny):
+    from genarm_vllm.serve import server_argv
+
+    base, arm = str(tiny["base"]), str(tiny["arm_small"])
+    argv, _ = server_argv(base, [arm], 1.0, None, ["--dtype", "bfloat16"])
+    # GuidedLLM's defaults; vLLM's boolean flags take the --no- form.
+    from genarm_vllm.runtime import engine_defaults
+
+    if engine_defaults().get("enable_chunked_prefill") is False:  # CPU
+        assert "--no-enable-chunked-prefill" in argv
+    assert argv[argv.index("--logprobs-mode") + 1] == "processed_logprobs"
+    assert argv.count("--dtype") == 1 and argv[argv.index("--dtype") + 1] == "bfloat16"
+    argv, _ = server_argv(base, [arm], 1.0, None, ["--enable-chunked-prefill"])
+    assert "--no-enable-chunked-prefill" not in argv and "--enable-chunked-prefill" in argv
+
+
+@pytest.mark.parametrize("spelling", [["--max_model_len", "100000"], ["--max-model-len=100000"],
+                                      "config"])
+def test_serve_reads_vllm_flags_as_vllm_does(tiny, tmp_path, spelling):
+    """Underscores, --x=v and --config files reach the checks, as vLLM's own parser reads them."""
+    from genarm_vllm.serve import server_argv
+
+    if spelling == "config":
+        config = tmp_path / "serve.yaml"
+        config.write_text("max_model_len: 100000\n")
+        spelling = ["--config", str(config)]
+    with pytest.raises(ValueError, match="exceeds reward model"):
+        server_argv(str(tiny["base"]), [str(tiny["arm_small"])], 1.0, None, spelling)
+
+
+def test_serve_merges_the_users_hf_overrides_and_processors(tiny):
+    from genarm_vllm.serve import LOGITS_PROCESSOR, read_server_flags, server_argv
+
+    argv, _ = server_argv(str(tiny["base"]), [str(tiny["arm_small"])], 0.5, None, [
+        "--hf_overrides", '{"rope_theta": 20000.0}', "--logits-processors", "my.mod:Proc"])
+    flags, _ = read_server_flags(argv[3:])  # what vLLM's server will read
+    assert flags["hf_overrides"]["rope_theta"] == 20000.0
+    assert flags["hf_overrides"]["genarm_beta"] == 0.5
+    assert flags["logits_processors"] == [LOGITS_PROCESSOR, "my.mod:Proc"]
+    assert flags["model"] == str(tiny["base"])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_cleanly_without_children(tiny, tmp_path):
+    """Its own server (the module's one serves the other tests, in any order)."""
+    proc = start_server(tiny, tmp_path, ["arm_small"])[0]
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "vLLM's server runs its engine in a child process"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) is not None
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        stop_tree(proc)

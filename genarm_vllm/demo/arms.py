@@ -64,15 +64,16 @@ def sample(base: Path, out: Path, num_prompts: int | None = None) -> Path:
     """SAMPLING["n"] completions per training prompt from the base, as JSONL rows
     {"prompt", "samples": [{"text", "num_tokens", "finish_reason"}]}. Builds a vLLM engine:
     run it in its own process (see `retrain`)."""
-    from genarm_vllm.demo.common import ENGINE_KWARGS, chat_prompts, cpu_env
+    from genarm_vllm import runtime
+    from genarm_vllm.demo.common import DEMO_ENGINE_ARGS, chat_prompts
 
-    cpu_env()
+    runtime.use_local_env()
     from vllm import LLM, SamplingParams
 
     from genarm_vllm.demo.prompts import train_prompts
 
     prompts = train_prompts()[:num_prompts]
-    llm = LLM(str(base), **ENGINE_KWARGS)
+    llm = LLM(str(base), **DEMO_ENGINE_ARGS)
     results = llm.generate(chat_prompts(llm.get_tokenizer(), prompts), SamplingParams(**SAMPLING))
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", encoding="utf-8") as f:

@@ -1,9 +1,14 @@
-"""Paths, engine settings and prompt encoding shared by the demo's steps."""
+"""Paths, engine settings and prompt encoding shared by the demo's steps.
+
+The environment (one OpenMP thread, in-process engines, no hub) is genarm_vllm.runtime's
+LOCAL_ENV: each step calls runtime.use_local_env() before importing vLLM.
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from genarm_vllm.tokenization import prompt_ids, user_message
 
 ASSETS = Path(__file__).parent / "assets"  # committed: LoRA adapters, their data and metrics
 ARTIFACTS = Path("artifacts")  # not committed (gitignored): converted base, merged ARMs, outputs
@@ -13,29 +18,13 @@ OUT_DIR = ARTIFACTS / "quickstart"
 
 # vLLM on a small CPU machine: float32 (bf16 is slow without AVX-512), no torch.compile
 # start-up cost, short contexts (chat prompt ~40 tokens + a short completion).
-ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
-
-
-def cpu_env() -> None:
-    """Environment defaults for vLLM on CPU; call before importing vllm."""
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # two threads on 2 cores: 20x slower
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    # Each engine lives alone in its own short process: in-process start-up is much faster.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+DEMO_ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=256, seed=0)
 
 
 def chat_prompts(tokenizer, prompts: list[str]) -> list[dict]:
-    """Each prompt as one user message in the chat template, as token ids for vLLM.
-
-    The same encoding `genarm-vllm train-arm --chat-template` trains the ARMs on: the
-    rendered template carries its own special tokens, so none are added.
-    """
-    encoded = []
-    for prompt in prompts:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        encoded.append({"prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids})
-    return encoded
+    """Each prompt as one user message in the chat template, as token ids for vLLM: the
+    encoding `genarm-vllm train-arm --chat-template` trains the ARMs on (tokenization.py)."""
+    return [
+        {"prompt_token_ids": prompt_ids(tokenizer, messages=user_message(prompt))}
+        for prompt in prompts
+    ]

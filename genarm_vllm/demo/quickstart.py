@@ -7,7 +7,8 @@ Steps (each skipped when its result is already there):
   2. the ARMs: rebuilt from the committed LoRA adapters (or retrained with --retrain);
   3. the beta sweep: one GuidedLLM engine with the sentiment ARM generates for the held-out
      prompts unguided (weights [0]) and at several beta values, chosen per request with
-     `guidance=`; plus a control: the base alone at the sharpness an untrained ARM would give;
+     `guidance=`; plus a control: the base alone, sharpened to the temperature an ARM equal to the
+     base would give (no ARM runs for it);
   4. the weight sweep: one engine with both ARMs (sentiment, impersonal); every
      (w_sentiment, w_impersonal) setting is a per-request choice inside one batch;
   5. the report: tables (printed, JSON, Markdown), plots (PNG), example completions.
@@ -49,7 +50,7 @@ def sweep_settings(betas: list[float], control_beta: float | None) -> list[dict]
     ]
     if control_beta is not None:
         settings.append({
-            "name": f"control: untrained ARM, beta={control_beta:g}",
+            "name": f"control: sharpened base (no ARM), matches beta={control_beta:g}",
             "beta": None, "weights": [0.0], "control_beta": control_beta,
             "temperature": TEMPERATURE * control_beta / (1 + control_beta),
         })
@@ -91,14 +92,15 @@ def run_engine(stage: str, base: Path, arms: list[Path], settings: list[dict], p
     sweep: one generate call per setting (so each has its own tokens/s);
     multi: all settings in one batch, each request with its own weights.
     """
-    from genarm_vllm.demo.common import ENGINE_KWARGS, chat_prompts, cpu_env
+    from genarm_vllm import runtime
+    from genarm_vllm.demo.common import DEMO_ENGINE_ARGS, chat_prompts
 
-    cpu_env()
+    runtime.use_local_env()
     from vllm import SamplingParams
 
     from genarm_vllm import GuidedLLM
 
-    llm = GuidedLLM(str(base), [str(a) for a in arms], beta=1.0, **ENGINE_KWARGS)
+    llm = GuidedLLM(str(base), [str(a) for a in arms], beta=1.0, **DEMO_ENGINE_ARGS)
     encoded = chat_prompts(llm.get_tokenizer(), prompts)
 
     def params(setting):
@@ -143,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--betas", default=",".join(f"{b:g}" for b in DEFAULT_BETAS),
                         help="comma-separated beta values (1,0.5,0.25)")
     parser.add_argument("--control-beta", type=float, default=0.5,
-                        help="beta of the untrained-ARM control row; 0 = no control (0.5)")
+                        help="beta whose sharpening the control row (the base alone at temperature "
+                        "T*beta/(1+beta), no ARM) matches; 0 = no control (0.5)")
     parser.add_argument("--multi-prompts", type=int, default=32,
                         help="held-out prompts in the two-ARM weight sweep; 0 = skip it (32)")
     parser.add_argument("--multi-max-tokens", type=int, default=32,

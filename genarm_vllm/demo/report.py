@@ -128,7 +128,7 @@ def plot_sweep(table: list[dict], path: Path) -> None:
         controls = [r for r in table if "control_beta" in r]
         if controls:
             _errorbar(ax, [strength(r) for r in controls], [r[scorer] for r in controls], "s",
-                      "control: untrained ARM")
+                      "control: sharpened base (no ARM)")
         ax.set_xlabel("guidance strength 1/beta (0 = unguided)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
