@@ -55,7 +55,7 @@ class GuidedLLM:
         kwargs = dict(vllm_engine_kwargs)
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **fields}
         kwargs["logits_processors"] = [GenARMLogitsProcessor, *(kwargs.get("logits_processors") or [])]
-        kwargs = {**engine_defaults(base, self.reward_models, kwargs), **kwargs}
+        kwargs.update(engine_defaults(base, self.reward_models, kwargs))  # what the user left unset
         self.llm = LLM(model=base, **kwargs)
 
     def get_tokenizer(self):

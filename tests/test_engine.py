@@ -92,13 +92,20 @@ def test_vllm_masks_survive_per_request_guidance(engine):
 
 
 def test_preemption_and_prefix_caching_leave_output_unchanged(tiny, engine):
-    long = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
-    prompts = [PROMPTS[2] + " " + p for p in PROMPTS] * 2  # shared prefixes
+    long = SamplingParams(temperature=0, max_tokens=96, ignore_eos=True)
     normal = engine("arm_same", ["arm_same"], beta=1.0)
+    # A shared prefix longer than one KV block (128 tokens on CPU): only full blocks are cached.
+    prefix = " ".join([PROMPTS[2]] * 12)
+    block_size = normal.llm.llm_engine.vllm_config.cache_config.block_size
+    assert len(normal.get_tokenizer()(prefix).input_ids) > block_size
+    prompts = [prefix + " " + p for p in PROMPTS] * 2
     want = token_ids(normal.generate(prompts, long))
-    # 4 blocks of 128 tokens cannot hold 12 requests of ~135 tokens: forces preemption.
-    tight = engine("arm_same tight", ["arm_same"], beta=1.0, num_gpu_blocks_override=4,
-                   max_num_seqs=12, disable_log_stats=False)
+    again = normal.generate(prompts, long)  # now from the prefix cache
+    assert token_ids(again) == want
+    assert all(out.num_cached_tokens >= block_size for out in again)
+    # 16 blocks of 32 tokens cannot hold 12 growing requests of ~250 tokens: forces preemption.
+    tight = engine("arm_same tight", ["arm_same"], beta=1.0, num_gpu_blocks_override=16,
+                   block_size=32, max_num_seqs=12, disable_log_stats=False)
     assert token_ids(tight.generate(prompts, long)) == want
     preemptions = sum(m.value for m in tight.llm.get_metrics()
                       if m.name == "vllm:num_preemptions")
@@ -106,7 +113,7 @@ def test_preemption_and_prefix_caching_leave_output_unchanged(tiny, engine):
     no_cache = engine("arm_same no prefix cache", ["arm_same"], beta=1.0,
                       enable_prefix_caching=False)
     assert token_ids(no_cache.generate(prompts, long)) == want
-    assert want[0] == reference(tiny, ["arm_same"]).generate([prompts[0]], 120, ignore_eos=True)[0]
+    assert want[0] == reference(tiny, ["arm_same"]).generate([prompts[0]], 96, ignore_eos=True)[0]
 
 
 def test_seeded_sampling_is_reproducible(engine):
@@ -147,9 +154,11 @@ def test_kv_capacity_counts_every_model_once(tiny, engine):
     arm = kv_bytes_per_token(AutoConfig.from_pretrained(tiny["arm_small"]))
     # base: 2 layers x 2 KV heads x 32 x 4 B x (K,V) = 1024 B; ARM: 1 x 1 x 64 x 4 x 2 = 512 B
     assert (base, arm) == (1024, 512)
-    # VLLM_CPU_KVCACHE_SPACE=1 GiB shared by all layers: 2**30 / 1536 B = 699,050 tokens
-    # = 5461 blocks of 128 (a cache per model, nothing duplicated; base alone: 8192 blocks).
-    assert cache.num_gpu_blocks == (2**30 // (base + arm)) // cache.block_size == 5461
+    # The cache's bytes shared by all layers of both models: one block of block_size tokens
+    # costs (base + arm) bytes per token (a cache per model, nothing duplicated).
+    assert cache.kv_cache_memory_bytes  # set by runtime.LOCAL_ENV's VLLM_CPU_KVCACHE_SPACE
+    want = (cache.kv_cache_memory_bytes // (base + arm)) // cache.block_size
+    assert cache.num_gpu_blocks == want
 
 
 def test_bad_request_guidance_is_rejected(engine):
@@ -188,3 +197,35 @@ def test_load_time_errors(tiny, tmp_path):
         GuidedLLM(tiny["base"], [tiny["arm_small"]], weights=[1, 2], max_model_len=256)
     with pytest.raises(ValueError, match="beta must be a finite number > 0"):
         GuidedLLM(tiny["base"], [tiny["arm_small"]], beta=-1, max_model_len=256)
+
+
+def test_engine_defaults_fit_every_model(tiny, tmp_path, monkeypatch):
+    from genarm_vllm import runtime
+
+    short = build_model(tmp_path / "short", build_tokenizer(tmp_path / "tok"),
+                        max_position_embeddings=128)
+    base = str(tiny["base"])
+    assert runtime.max_positions(base) == 512
+    # The shortest context of all models, unless the user chose; none when no ARM is shorter.
+    assert runtime.engine_defaults(base, [str(short)])["max_model_len"] == 128
+    assert "max_model_len" not in runtime.engine_defaults(base, [str(short)], {"max_model_len": 64})
+    assert "max_model_len" not in runtime.engine_defaults(base, [str(tiny["arm_small"])])
+    # CPU: a stated share of the available memory for the KV cache, unless the env sets it.
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    import psutil
+
+    kv = runtime.engine_defaults(base, [str(short)])["kv_cache_memory_bytes"]
+    assert 0.5 < kv / (psutil.virtual_memory().available * runtime.CPU_KV_CACHE_SHARE) < 1.5
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    assert "kv_cache_memory_bytes" not in runtime.engine_defaults(base, [str(short)])
+
+
+def test_short_context_arm_runs_without_max_model_len(tiny, engine, tmp_path_factory):
+    """A base of 512 positions with an ARM of 128: the engine defaults to 128, not a crash."""
+    folder = tmp_path_factory.mktemp("short_arm")
+    short = build_model(folder / "arm", build_tokenizer(folder / "tok"), max_position_embeddings=128)
+    llm = engine("short-context arm", reward_paths=[short], max_model_len=None)
+    assert llm.llm.llm_engine.vllm_config.model_config.max_model_len == 128
+    out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4
