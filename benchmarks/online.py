@@ -21,9 +21,10 @@ from pathlib import Path
 
 import requests
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from genarm_vllm import runtime
+
+# The server runs its engine in its own process (vLLM's normal mode); 2 GiB of KV cache.
+runtime.use_local_env(VLLM_CPU_KVCACHE_SPACE="2", VLLM_ENABLE_V1_MULTIPROCESSING="1")
 
 KEYS = ["request_throughput", "output_throughput", "mean_ttft_ms", "p50_ttft_ms", "p99_ttft_ms",
         "mean_tpot_ms", "p50_tpot_ms", "p99_tpot_ms", "mean_itl_ms", "p50_itl_ms", "p99_itl_ms",

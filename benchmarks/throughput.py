@@ -28,22 +28,21 @@ import random
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from genarm_vllm import runtime
+
+# In-process engines, no hub; 2 GiB of KV cache (batch 128 of the SmolLM2 pair). The thread
+# count is --threads, set in main() before torch is imported.
+runtime.use_local_env(VLLM_CPU_KVCACHE_SPACE="2")
 
 # Prefix caching off: every run repeats the same prompts, and every system must do the
 # same work each time (the HF decoder caches nothing between calls).
-ENGINE_KWARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+BENCHMARK_ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
                      enable_prefix_caching=False)
 
 
 def vllm_engine_kwargs() -> dict:
     """What every vLLM system runs: GuidedLLM's defaults, then this benchmark's settings."""
-    from genarm_vllm.config import engine_defaults
-
-    return {**engine_defaults(), **ENGINE_KWARGS}
+    return {**runtime.engine_defaults(), **BENCHMARK_ENGINE_ARGS}
 
 
 def truncated_copy(model_dir: Path, num_layers: int, out: Path) -> Path:
@@ -117,9 +116,9 @@ def run(args) -> list[dict]:
     keep_alive = [plain_base]  # a collected in-process engine breaks the others
     for arm_name, arm in arms.items():
         plain_arm = LLM(model=str(arm), **plain_kwargs) if arm != base else plain_base
-        guided = GuidedLLM(base, [arm], beta=1.0, **ENGINE_KWARGS)
+        guided = GuidedLLM(base, [arm], beta=1.0, **BENCHMARK_ENGINE_ARGS)
         keep_alive += [plain_arm, guided]
-        reference = ReferenceDecoder(base, [arm], dtype=getattr(torch, ENGINE_KWARGS["dtype"]))
+        reference = ReferenceDecoder(base, [arm], dtype=getattr(torch, BENCHMARK_ENGINE_ARGS["dtype"]))
         warm = random_prompts(vocab, 2, args.prompt_len, seed=99)
         for llm in {id(x): x for x in (plain_base, plain_arm, guided)}.values():
             vllm_tokens_per_s(llm, warm, 4)
@@ -310,9 +309,9 @@ def main() -> None:
         args.batch1_prompts, args.min_seconds = 2, min(args.min_seconds, 3.0)
     # Before torch is imported: vLLM and transformers read it once.
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
-    ENGINE_KWARGS["dtype"] = args.dtype
+    BENCHMARK_ENGINE_ARGS["dtype"] = args.dtype
     if args.compile:
-        ENGINE_KWARGS["enforce_eager"] = False
+        BENCHMARK_ENGINE_ARGS["enforce_eager"] = False
         # One compile cache per sub-model (else every start recompiles them all).
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     work = Path(args.work)

@@ -36,6 +36,13 @@ WEIGHTS_KEY = "genarm_weights"
 NUM_REWARD_MODELS_ENV = "GENARM_NUM_REWARD_MODELS"
 
 
+# Each value has its own range, so that every coefficient w_i / beta has magnitude <= 1e30
+# whatever the other values are (a request may give beta alone, its weights being the
+# engine's): finite in float32 (max 3.4e38) even times logits of magnitude up to 3e8.
+MIN_BETA = 1e-15
+MAX_ABS_WEIGHT = 1e15
+
+
 def check_beta(beta: object, name: str = "beta") -> float:
     """A valid beta as float; ValueError naming `name` and the allowed range otherwise."""
     if (
@@ -45,6 +52,11 @@ def check_beta(beta: object, name: str = "beta") -> float:
         or beta <= 0
     ):
         raise ValueError(f"{name} must be a finite number > 0, got {beta!r}")
+    if beta < MIN_BETA:
+        raise ValueError(
+            f"{name} must be >= {MIN_BETA:g} (smaller values make the coefficients "
+            f"weight / beta overflow float32), got {beta!r}"
+        )
     return float(beta)
 
 
@@ -63,6 +75,11 @@ def check_weights(weights: object, num_reward_models: int, name: str = "weights"
     for w in weights:
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"{name} must be finite numbers, got {list(weights)!r}")
+        if abs(w) > MAX_ABS_WEIGHT:
+            raise ValueError(
+                f"{name} must lie in [-{MAX_ABS_WEIGHT:g}, {MAX_ABS_WEIGHT:g}] (larger values "
+                f"make the coefficients weight / beta overflow float32), got {list(weights)!r}"
+            )
     return [float(w) for w in weights]
 
 

@@ -13,8 +13,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
-# vLLM on CPU: one OpenMP thread (the setting of the README table; raise it to use more
-# cores); no model hub.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}"
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
+# The demo sets its environment itself (genarm_vllm.runtime.LOCAL_ENV: one OpenMP thread,
+# the setting of the README table; export OMP_NUM_THREADS to use more cores).
+export VLLM_LOGGING_LEVEL="${VLLM_LOGGING_LEVEL:-WARNING}"
 exec "$ROOT/.venv/bin/python" -m genarm_vllm.demo.quickstart "$@"

@@ -22,7 +22,6 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 # The cluster's token (see ray_head.sh): RAY_AUTH_TOKEN, or ~/.ray/auth_token on the head.
 if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "$HOME/.ray/auth_token" ]; then
   export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"

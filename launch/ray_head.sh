@@ -27,10 +27,6 @@ if "$RAY" get-auth-token --help >/dev/null 2>&1 && [ "${RAY_AUTH_MODE:-token}" =
   echo "[ray_head] cluster token: ~/.ray/auth_token (workers: RAY_AUTH_TOKEN=<its content>)" >&2
 fi
 
-# CPU-only nodes: engine processes inherit these (see README: 1 OpenMP thread per engine,
-# a bounded KV cache). GPU nodes ignore VLLM_CPU_KVCACHE_SPACE.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-
 # Ray detects the node's CPUs and GPUs; pass --num-gpus / --num-cpus to override.
 # The dashboard (port 8265) also serves `ray job submit` when Ray's dashboard packages
 # are installed (pip install 'ray[default]').

@@ -18,6 +18,5 @@ bash "$ROOT/launch/setup.sh"
 if [ -n "${RAY_AUTH_TOKEN:-}" ] || [ -f "$HOME/.ray/auth_token" ]; then
   export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 fi
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 
 exec "$ROOT/.venv/bin/ray" start --address "$HEAD" "$@"

@@ -14,11 +14,9 @@ BASE="${1:?usage: launch/serve.sh BASE_DIR ARM_DIR [ARM_DIR2 ...]}"; shift
 ARMS=()
 for arm in "$@"; do ARMS+=(--reward-model "$arm"); done
 
-# CPU builds: OMP_NUM_THREADS is the cores the engine computes on (1 leaves the second
-# core of a 2-core machine to the API server); raise VLLM_CPU_KVCACHE_SPACE (GiB) on
-# machines with more memory; DTYPE=bfloat16 is ~2.8x faster on CPUs with AMX (the CPU
-# default is float32).
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-4}"
+# CPU builds: the KV cache takes a quarter of the memory available at start (set
+# VLLM_CPU_KVCACHE_SPACE=<GiB> to choose); DTYPE=bfloat16 is ~2.8x faster on CPUs with AMX
+# (the CPU default is float32).
 
 # GPU deployments: add e.g. --tensor-parallel-size 2 --gpu-memory-utilization 0.9; the
 # reward models are sharded like the base (their head counts must divide by the TP size).

@@ -4,8 +4,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/launch/setup.sh"
 cd "$ROOT"
-# vLLM on CPU: one OpenMP thread per engine is much faster on small machines.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" HF_HUB_OFFLINE=1
+# The tests' environment (one OpenMP thread, in-process engines, no model hub) is set by
+# tests/conftest.py from genarm_vllm.runtime.LOCAL_ENV.
 set +e
 "$ROOT/.venv/bin/python" -m pytest tests -ra --timeout=1200 "$@"
 status=$?

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_throughput_sweep_writes_every_figure(tiny, tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run(

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from vllm import SamplingParams
 from genarm_vllm.batch_job import run_job
 from genarm_vllm.cli import main
 from genarm_vllm.testing import build_model, build_tokenizer
+from genarm_vllm.tokenization import prompt_ids
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -43,6 +45,7 @@ def read_jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_pack_writes_a_bundle_plain_vllm_loads(tiny, engine, tmp_path):
     bundle = tmp_path / "bundle"
     cli("pack", "--base", tiny["base"], "--reward-model", tiny["arm_small"], "--beta", "0.5",
@@ -79,6 +82,21 @@ def test_pack_refuses_bad_input(tiny, tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_pack_again_leaves_nothing_of_the_previous_base(tiny, tmp_path, capsys):
+    old_base = tmp_path / "old_base"
+    shutil.copytree(tiny["base"], old_base)
+    (old_base / "model-00002-of-00002.safetensors").write_bytes(b"old shard")
+    out = tmp_path / "bundle"
+    for base in (old_base, tiny["base"]):
+        code, err = run_main(capsys, "pack", "--base", base, "--reward-model", tiny["arm_small"],
+                             "--out", out)
+        assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in Path(tiny["base"]).iterdir())
+    assert all((out / p.name).resolve() == p.resolve()
+               for p in Path(tiny["base"]).iterdir() if p.name != "config.json")
+
+
+@pytest.mark.slow
 def test_generate_cli_matches_python_api(tiny, engine, tmp_path):
     infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
     outfile = tmp_path / "out.jsonl"
@@ -94,10 +112,7 @@ def test_generate_cli_matches_python_api(tiny, engine, tmp_path):
     assert all(r["finish_reason"] == "length" and len(r["generated_token_ids"]) == 12 for r in out)
 
     guided = engine("arm_small", ["arm_small"], beta=0.5)
-    tokenizer = guided.get_tokenizer()
-    chat = tokenizer.apply_chat_template(ROWS[2]["messages"], add_generation_prompt=True,
-                                         tokenize=False)
-    chat_ids = {"prompt_token_ids": tokenizer(chat, add_special_tokens=False).input_ids}
+    chat_ids = {"prompt_token_ids": prompt_ids(guided.get_tokenizer(), messages=ROWS[2]["messages"])}
     prompts = [r.get("prompt") or chat_ids for r in ROWS]
     guidance = [{k: r[k] for k in ("beta", "weights") if k in r} or None for r in ROWS]
     want = guided.generate(prompts, GREEDY, guidance=guidance)

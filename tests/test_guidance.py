@@ -17,6 +17,8 @@ from genarm_vllm.guidance import check_guidance, resolve_guidance, row_guidance
         (1.0, [float("nan")], "finite numbers"),
         (1.0, [float("inf")], "finite numbers"),
         (1.0, "1", "list of 1 finite numbers"),
+        (1e-300, [1.0], r"beta must be >= 1e-15 .*overflow float32"),  # passes "> 0"
+        (1.0, [1e39], r"weights must lie in \[-1e\+15, 1e\+15\]"),  # inf in float32
     ],
 )
 def test_bad_guidance_raises(beta, weights, match):

@@ -9,9 +9,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quickstart_guidance_raises_sentiment_on_both_scorers(tmp_path):
     out = tmp_path / "quickstart"
     result = subprocess.run(

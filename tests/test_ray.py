@@ -157,6 +157,7 @@ def test_tensor_parallel_error_fires_before_ray_starts(tiny, tmp_path, monkeypat
 
 # --- The job on a local Ray cluster ----------------------------------------------------
 
+@pytest.mark.slow
 def test_ray_job_equals_single_process_job(ray_cluster, reference, tiny, tmp_path, capsys):
     shards = tmp_path / "shards"  # sharded input: a folder of JSONL files, in name order
     shards.mkdir()
@@ -195,6 +196,7 @@ def replica_processes():
     return found
 
 
+@pytest.mark.slow
 def test_killed_worker_and_interrupted_run_lose_and_duplicate_nothing(
     ray_cluster, reference, tiny, tmp_path
 ):

@@ -108,6 +108,7 @@ def offline(engine, prompts, guidance):
             for o in llm.generate(prompts, params, guidance=per_prompt, use_tqdm=False)]
 
 
+@pytest.mark.slow
 def test_completions_match_offline_engine(client, engine):
     got = [complete(client, p, g).choices[0].token_ids for p, g in zip(PROMPTS, GUIDANCE)]
     assert got == offline(engine, PROMPTS, GUIDANCE)
@@ -115,6 +116,7 @@ def test_completions_match_offline_engine(client, engine):
     assert complete(client, PROMPTS[0]).choices[0].token_ids == offline(engine, PROMPTS[:1], [{}])[0]
 
 
+@pytest.mark.slow
 def test_chat_and_streaming(client):
     messages = [{"role": "user", "content": "the cat sat on"}]
     chat = client.chat.completions.create(
@@ -136,6 +138,7 @@ def test_chat_and_streaming(client):
     assert "".join(c.choices[0].text for c in stream) == plain
 
 
+@pytest.mark.slow
 def test_requests_in_flight_at_once_keep_their_own_guidance(client, engine):
     want = offline(engine, [PROMPTS[0]] * 2, GUIDANCE[:2])
     assert want[0] != want[1]
@@ -153,6 +156,7 @@ def test_requests_in_flight_at_once_keep_their_own_guidance(client, engine):
     assert results == want
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("xargs, key", [
     ({"genarm_beta": 0}, "genarm_beta"),
     ({"genarm_beta": -1.0}, "genarm_beta"),
@@ -162,6 +166,8 @@ def test_requests_in_flight_at_once_keep_their_own_guidance(client, engine):
     ({"genarm_weights": [1.0, 2.0, 3.0]}, "genarm_weights"),
     ({"genarm_weights": "1,2"}, "genarm_weights"),
     ({"genarm_weights": [1.0, math.inf]}, "genarm_weights"),
+    ({"genarm_beta": 1e-300}, "genarm_beta"),  # > 0, but 1 / beta overflows float32
+    ({"genarm_weights": [1e39, 0.0]}, "genarm_weights"),  # inf in float32
 ])
 def test_bad_guidance_is_http_400_and_server_keeps_serving(server, client, xargs, key):
     # Raw HTTP: the openai client refuses to send NaN / Infinity, other clients do not.
@@ -174,6 +180,7 @@ def test_bad_guidance_is_http_400_and_server_keeps_serving(server, client, xargs
     assert len(complete(client, PROMPTS[0], GUIDANCE[0]).choices[0].token_ids) == MAX_TOKENS
 
 
+@pytest.mark.slow
 def test_bounded_load_with_a_client_that_disconnects(server, client, engine):
     url = server[1]
     jobs = [(PROMPTS[i % 4], GUIDANCE[(i // 4) % 4]) for i in range(64)]
