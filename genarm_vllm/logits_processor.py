@@ -20,7 +20,6 @@ vLLM picks (`--logits-processors genarm_vllm.logits_processor:GenARMLogitsProces
 from __future__ import annotations
 
 import logging
-import math
 import os
 
 import torch
@@ -58,17 +57,10 @@ def remix_(logits: torch.Tensor, beta: torch.Tensor, weights: torch.Tensor) -> t
     change = weights.float() / beta.float().unsqueeze(-1) - (
         step.default_weights / step.default_beta.unsqueeze(-1)
     )
-    if step.reward_models_cover_base():
-        ones = torch.ones(logits.shape[0], device=logits.device)
-        return combine_scores(
-            logits, step.reward_models, ones, change, logits.shape[-1], in_place=True
-        )
-    # A reward model lacks some ids: recompute both mixes, and give the new one to the
-    # rows whose guidance changed; vLLM's edits are the difference between the current
-    # rows and the default mix (NaN where both are -inf).
-    changed = (change != 0).any(dim=-1, keepdim=True)  # a mask, not indices: no host sync
-    edits = (logits - step.mix_defaults()).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
-    return logits.copy_(torch.where(changed, step.mix(beta, weights) + edits, logits))
+    # Ids a reward model lacks are -inf in every mix, so the in-place change never
+    # touches them.
+    ones = torch.ones(logits.shape[0], device=logits.device)
+    return combine_scores(logits, step.reward_models, ones, change, logits.shape[-1], in_place=True)
 
 
 class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):

@@ -45,7 +45,7 @@ def mix_logits(
 
     Returns:
         [N, Vb] scores: the mixed log-probabilities up to a per-row constant. Token ids
-        >= V, and ids that a reward model with a non-zero weight does not have, are -inf.
+        >= V, and ids that some reward model does not have, are -inf.
     """
     return combine_scores(
         tokenizer_columns(base_logits, vocab_size),
@@ -77,8 +77,10 @@ def combine_scores(
 
     Inputs are log-probs up to a per-row constant each (tokenizer_columns), the output too.
 
-    Returns [N, width]; ids the base lacks, and ids a reward model with a non-zero weight
-    lacks, are -inf. A zero weight leaves the row exactly as the base has it.
+    Returns [N, width]; ids the base lacks, and ids any reward model lacks, are -inf,
+    whatever the weights: every model reads the sampled token at the next step, so an id
+    one of them cannot embed must never be sampled. Otherwise a zero weight leaves the row
+    exactly as the base has it.
     With in_place=True the reward terms are added to `base_scores` itself, which must
     already be [N, width] (the engine re-mixing vLLM's logits without a copy).
     """
@@ -100,6 +102,5 @@ def combine_scores(
         shared = min(base_width, scores.shape[-1])
         # Logits of a model's own ids are finite, so a zero weight adds exactly 0.
         mixed[:, :shared].addcmul_(scores[:, :shared], coefficient)
-        if shared < base_width:  # ids this reward model lacks: impossible unless weight 0
-            mixed[:, shared:base_width].masked_fill_(coefficient != 0, -math.inf)
+        mixed[:, shared:base_width] = -math.inf  # ids this reward model lacks: never sampled
     return mixed

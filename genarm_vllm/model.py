@@ -49,10 +49,6 @@ class StepLogits:
         num_rows = self.base.shape[0]
         return self.mix(self.default_beta.expand(num_rows), self.default_weights.expand(num_rows, -1))
 
-    def reward_models_cover_base(self) -> bool:
-        """Every reward model scores every id the base does (the usual case)."""
-        return all(arm.shape[-1] >= self.base.shape[-1] for arm in self.reward_models)
-
 
 # Logits processors see logits only, never the model; they run right after
 # compute_logits, in the same worker process, so the model hands them the raw
@@ -105,6 +101,7 @@ class GenARMForCausalLM(nn.Module):
             prefix="base",
         )
         self.reward_model_names = []
+        self.embedding_rows = []
         hidden_sizes = [model_config.hf_config.get_text_config().hidden_size]
         self.secondary_weights = []
         for i, path in enumerate(guidance.reward_models):
@@ -118,6 +115,7 @@ class GenARMForCausalLM(nn.Module):
                 setattr(self, name, initialize_model(vllm_config=arm_vllm_config, prefix=name))
             self.reward_model_names.append(name)
             hidden_sizes.append(arm_config.get_text_config().hidden_size)
+            self.embedding_rows.append(arm_config.get_text_config().vocab_size)
             # The default loader reads these after the base checkpoint, names prefixed.
             self.secondary_weights.append(
                 DefaultModelLoader.Source(path, None, prefix=f"{name}.")
@@ -153,7 +151,11 @@ class GenARMForCausalLM(nn.Module):
         if input_ids is None:
             raise NotImplementedError("GenARM reward models need token ids, not prompt embeddings")
         hidden_states = [self.base(input_ids, positions, intermediate_tensors, inputs_embeds)]
-        hidden_states += [arm(input_ids, positions) for arm in self.reward_models]
+        for arm, rows in zip(self.reward_models, self.embedding_rows):
+            # An id beyond an ARM's embedding rows is never sampled (the mix gives it -inf)
+            # and GuidedLLM refuses prompts holding one; the clamp only keeps a raw
+            # prompt_token_ids request that slipped past from crashing the engine.
+            hidden_states.append(arm(input_ids.clamp(max=rows - 1), positions))
         return torch.cat(hidden_states, dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:

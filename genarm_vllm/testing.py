@@ -41,12 +41,18 @@ def random_corpus(num_lines: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))) for _ in range(num_lines)]
 
 
-def build_tokenizer(path: str | Path, extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
-    """Train a word-level tokenizer on a random corpus and save it to `path`."""
+def build_tokenizer(
+    path: str | Path, extra_words: tuple[str, ...] = (), corpus_seed: int = 0
+) -> PreTrainedTokenizerFast:
+    """Train a word-level tokenizer on a random corpus and save it to `path`.
+
+    Ids follow word frequency: another corpus_seed gives the same words other ids (a
+    different tokenizer); extra_words, seen once, get the last ids.
+    """
     tokenizer = Tokenizer(models.WordLevel(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     trainer = trainers.WordLevelTrainer(special_tokens=SPECIAL_TOKENS)
-    tokenizer.train_from_iterator(random_corpus() + [" ".join(extra_words)], trainer)
+    tokenizer.train_from_iterator(random_corpus(seed=corpus_seed) + [" ".join(extra_words)], trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<pad>",
         bos_token="<s>", eos_token="</s>",
@@ -57,6 +63,17 @@ def build_tokenizer(path: str | Path, extra_words: tuple[str, ...] = ()) -> PreT
     )
     fast.save_pretrained(str(path))
     return fast
+
+
+def with_added_tokens(tokenizer_dir: str | Path, path: str | Path, tokens: tuple[str, ...]):
+    """The tokenizer of `tokenizer_dir` plus special tokens at the end (as the Tulu2 ARM's
+    `<pad>`, id 32000, sits after its base's 32,000 tokens), saved to `path`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
+    tokenizer.save_pretrained(str(path))
+    return tokenizer
 
 
 def build_model(

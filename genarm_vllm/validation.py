@@ -8,8 +8,11 @@ bundles loaded by plain vLLM).
 from __future__ import annotations
 
 import functools
+import logging
 
 from transformers import AutoConfig, AutoTokenizer
+
+logger = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=32)
@@ -23,22 +26,60 @@ def tokenizer_length(path: str) -> int:
     return _vocab(str(path))[1]
 
 
+@functools.lru_cache(maxsize=32)
+def embedding_rows(path: str) -> int:
+    """How many token ids the model folder `path` can embed (its config's vocab_size)."""
+    config = AutoConfig.from_pretrained(path)
+    return getattr(config, "get_text_config", lambda: config)().vocab_size
+
+
 def check_same_tokenizer(base: str, reward_model: str) -> None:
-    """GenARM mixes distributions over the same token ids: the tokenizers must agree."""
-    base_vocab, _ = _vocab(str(base))
-    arm_vocab, _ = _vocab(str(reward_model))
+    """GenARM mixes distributions over the same token ids: the tokenizers must agree on
+    every id both have. Extra ids at the end of either one (added special tokens, e.g. the
+    `<pad>` at id 32000 of the Tulu2 ARM next to its base's 32,000 tokens) are allowed:
+    decoding is over the base's ids, and ids a model cannot embed are never sampled."""
+    base_vocab, base_length = _vocab(str(base))
+    arm_vocab, arm_length = _vocab(str(reward_model))
     if base_vocab == arm_vocab:
         return
     base_by_id = {i: t for t, i in base_vocab.items()}
     arm_by_id = {i: t for t, i in arm_vocab.items()}
-    for token_id in sorted(set(base_by_id) | set(arm_by_id)):
+    for token_id in range(min(base_length, arm_length)):
         base_token, arm_token = base_by_id.get(token_id), arm_by_id.get(token_id)
         if base_token != arm_token:
             raise ValueError(
                 f"reward model {reward_model} has a different tokenizer than base model "
                 f"{base}: first difference at token id {token_id}: base has {base_token!r}, "
-                f"reward model has {arm_token!r}. GenARM needs reward models that share "
-                "the base model's tokenizer."
+                f"reward model has {arm_token!r}. GenARM needs reward models whose tokenizer "
+                "equals the base model's on every id both have (extra ids only at the end)."
+            )
+
+
+def embedding_limits(reward_models: list[str]) -> dict[str, int]:
+    """Each reward model's embedding row count: prompt ids at or above it are refused."""
+    return {str(m): embedding_rows(str(m)) for m in reward_models}
+
+
+def unsampled_ids(base: str, reward_models: list[str]) -> dict[str, range]:
+    """Ids of the base's tokenizer that a reward model cannot embed, per such model.
+
+    Every model reads every token the base reads, so these ids are never sampled (the mix
+    gives them -inf whatever the weights) and are refused in prompts.
+    """
+    length = tokenizer_length(base)
+    limits = embedding_limits(reward_models)
+    return {m: range(rows, length) for m, rows in limits.items() if rows < length}
+
+
+def check_prompt_ids(prompt_ids, limits: dict[str, int]) -> None:
+    """ValueError naming the first prompt id a reward model cannot embed, and the model."""
+    top = max(prompt_ids, default=-1)
+    for model, rows in limits.items():
+        if top >= rows:
+            bad = next(i for i in prompt_ids if i >= rows)
+            raise ValueError(
+                f"prompt token id {bad} is beyond reward model {model}'s {rows} embedding "
+                "rows; every model reads every prompt token, so GenARM cannot take this prompt"
             )
 
 
@@ -87,3 +128,9 @@ def check_reward_models(
         if max_model_len is not None:
             check_max_model_len(reward_model, max_model_len)
         check_tensor_parallel(reward_model, tensor_parallel_size)
+    for reward_model, ids in unsampled_ids(base, reward_models).items():
+        logger.warning(
+            "GenARM: reward model %s embeds %d token ids, the base's tokenizer has %d: ids "
+            "%d..%d are never sampled, and prompts holding them are refused",
+            reward_model, ids.start, ids.stop, ids.start, ids.stop - 1,
+        )

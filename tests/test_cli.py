@@ -71,7 +71,7 @@ def run_main(capsys, *args):
 
 
 def test_pack_refuses_bad_input(tiny, tmp_path, capsys):
-    other_tok = build_tokenizer(tmp_path / "tok", extra_words=("zebra",))
+    other_tok = build_tokenizer(tmp_path / "tok", corpus_seed=1)  # other ids for the same words
     other = build_model(tmp_path / "other", other_tok)
     code, err = run_main(capsys, "pack", "--base", tiny["base"], "--reward-model", other,
                          "--out", tmp_path / "b")

@@ -16,6 +16,7 @@ PROMPTS = [
     "they love green trees",
 ]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+GREEDY_12 = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 
 def token_ids(outputs):
@@ -183,7 +184,7 @@ def test_bad_request_guidance_is_rejected(engine):
 
 
 def test_load_time_errors(tiny, tmp_path):
-    other_tok = build_tokenizer(tmp_path / "tok", extra_words=("zebra", "quokka"))
+    other_tok = build_tokenizer(tmp_path / "tok", corpus_seed=1)  # other ids for the same words
     other = build_model(tmp_path / "other", other_tok)
     with pytest.raises(ValueError, match=rf"{other}.*different tokenizer than base model.*token id"):
         GuidedLLM(tiny["base"], [other], max_model_len=256)
@@ -229,3 +230,55 @@ def test_short_context_arm_runs_without_max_model_len(tiny, engine, tmp_path_fac
     out = llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+@pytest.fixture(scope="module")
+def padded_pair(tiny, tmp_path_factory):
+    """The paper's weak-to-strong layout and its mirror image, on the tiny tokenizer:
+    tok_plus = the base's tokenizer + one added special token at the end (the Tulu2 ARM's
+    `<pad>`, id 32000, next to its base's 32,000 tokens); embeddings sized to each tokenizer."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from genarm_vllm.testing import with_added_tokens
+
+    root = tmp_path_factory.mktemp("padded")
+    tok = build_tokenizer(root / "tok")
+    tok_plus = with_added_tokens(root / "tok", root / "tok_plus", ("<extra_pad>",))
+    extra_id = len(tok)
+    assert tok_plus.convert_tokens_to_ids("<extra_pad>") == extra_id
+    models = {
+        "base": build_model(root / "base", tok, seed=1),
+        "arm_plus": build_model(root / "arm_plus", tok_plus, seed=2),  # Tulu2 ARM layout
+        "base_plus": build_model(root / "base_plus", tok_plus, seed=1),
+        "arm": build_model(root / "arm", tok, seed=2),
+    }
+    # base_plus prefers the added id above all others: the engine must still never pick it.
+    weights_file = models["base_plus"] / "model.safetensors"
+    weights = load_file(weights_file)
+    weights["lm_head.weight"][extra_id] = weights["lm_head.weight"].sum(0)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    return models, extra_id
+
+
+def test_tokenizers_with_extra_ids_at_the_end(padded_pair, engine):
+    models, extra_id = padded_pair
+    # The paper's layout: the ARM has one id more than its base. Accepted, exact.
+    llm = engine("padded arm", base=models["base"], reward_paths=[models["arm_plus"]])
+    want = ReferenceDecoder(models["base"], [models["arm_plus"]]).generate(PROMPTS, 12, ignore_eos=True)
+    assert token_ids(llm.generate(PROMPTS, GREEDY_12)) == want
+    # The mirror image: the base's added id is one the ARM cannot embed. It is never
+    # sampled, at any weight (zero included: the ARM reads every sampled token next).
+    llm = engine("padded base", base=models["base_plus"], reward_paths=[models["arm"]])
+    base_alone = ReferenceDecoder(models["base_plus"], [models["arm"]], weights=[0.0])
+    for guidance in ({"weights": [1.0]}, {"weights": [0.0]}, {"beta": 0.1, "weights": [-1.0]}):
+        got = token_ids(llm.generate(PROMPTS, GREEDY_12, guidance=guidance))
+        assert all(extra_id not in ids for ids in got), guidance
+    assert token_ids(llm.generate(PROMPTS, GREEDY_12, guidance={"weights": [0.0]})) == \
+        base_alone.generate(PROMPTS, 12, ignore_eos=True)
+    # A prompt holding that id: a clear error naming the id and the model, the engine unharmed.
+    prompt = {"prompt_token_ids": [5, extra_id, 7]}
+    with pytest.raises(ValueError, match=rf"prompt 0: prompt token id {extra_id} is beyond "
+                                         rf"reward model {models['arm']}'s {extra_id} embedding rows"):
+        llm.generate([prompt], GREEDY_12)
+    assert len(token_ids(llm.generate(PROMPTS[:1], GREEDY_12))[0]) == 12

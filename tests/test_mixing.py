@@ -22,10 +22,8 @@ def float64_mix(base, arms, beta, weights, vocab):
             a = arm[r, :vocab].double()
             lp = a - torch.logsumexp(a, 0)
             coef = weights[r, i].item() / beta[r].item()
-            if coef == 0:
-                continue
             for j in range(total.shape[0]):
-                # an id the reward model lacks is impossible, whatever the sign of coef
+                # an id the reward model lacks is impossible, whatever its weight
                 total[j] = total[j] + coef * lp[j] if j < lp.shape[0] else -math.inf
         out[r, : total.shape[0]] = total
     return out
@@ -52,11 +50,12 @@ def test_reward_model_with_smaller_vocab_masks_missing_ids():
     base, arm = torch.randn(3, 40, generator=g), torch.randn(3, 30, generator=g)
     beta, weights = torch.ones(3), torch.tensor([[1.0], [-0.5], [0.0]])  # negative: not +inf
     got = mix_logits(base, [arm], beta, weights, vocab_size=40)
-    assert torch.isneginf(got[:2, 30:]).all()
-    # zero weight: the missing ids stay finite (no 0 * -inf = NaN)
-    assert torch.equal(got[2], base[2])
+    # Every model reads the sampled token next: ids the ARM lacks are never sampled, even
+    # at weight 0 (and no 0 * -inf = NaN); the ids it has keep the base's exact logits.
+    assert torch.isneginf(got[:, 30:]).all() and not torch.isnan(got).any()
+    assert torch.equal(got[2, :30], base[2, :30])
     want = float64_mix(base, [arm], beta, weights, 40)
-    torch.testing.assert_close(normalised(got[:2]), normalised(want[:2]), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(normalised(got), normalised(want), rtol=1e-5, atol=1e-4)
 
 
 def test_in_place_mix_equals_the_new_tensor_mix():

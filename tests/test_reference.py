@@ -88,7 +88,7 @@ def test_bad_inputs_raise_clear_errors(tiny, tmp_path):
         ReferenceDecoder(tiny["base"], [tiny["arm_same"]], weights=[1.0, 1.0])
     with pytest.raises(ValueError, match="finite numbers"):
         ReferenceDecoder(tiny["base"], [tiny["arm_same"]], weights=[float("nan")])
-    other_tok = build_tokenizer(tmp_path / "tok", extra_words=("zebra", "quokka"))
+    other_tok = build_tokenizer(tmp_path / "tok", corpus_seed=1)  # other ids for the same words
     other = build_model(tmp_path / "other_arm", other_tok)
     with pytest.raises(ValueError, match=r"different tokenizer than base model .*token id \d+"):
         ReferenceDecoder(tiny["base"], [other])
