@@ -56,6 +56,8 @@ class GuidedLLM:
             self.reward_models,
             max_model_len=vllm_engine_kwargs.get("max_model_len"),
             tensor_parallel_size=vllm_engine_kwargs.get("tensor_parallel_size", 1),
+            speculative_config=vllm_engine_kwargs.get("speculative_config"),
+            pipeline_parallel_size=vllm_engine_kwargs.get("pipeline_parallel_size", 1),
         )
 
         # Reward models that cannot embed every id vLLM accepts in a prompt for this base.

@@ -22,13 +22,19 @@ from torch import nn
 from transformers import AutoConfig
 from vllm.compilation.backends import set_model_tag
 from vllm.config import VllmConfig
+from vllm.platforms import current_platform
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model
 
 from genarm_vllm.guidance import ARCHITECTURE, GuidanceConfig
 from genarm_vllm.mixing import combine_scores, tokenizer_columns
-from genarm_vllm.validation import check_reward_models, tokenizer_length
+from genarm_vllm.validation import (
+    check_reward_models,
+    choose_attention_backend,
+    head_size,
+    tokenizer_length,
+)
 
 
 @dataclass
@@ -71,6 +77,30 @@ def reward_model_prefix(index: int) -> str:
     return f"arm_{string.ascii_lowercase[index]}"
 
 
+def _use_safe_attention_backend(vllm_config: VllmConfig, arm_configs: list) -> None:
+    """On CUDA: pick an attention backend safe for every sub-model's head size (see
+    validation.choose_attention_backend), before any Attention layer is built.
+
+    vLLM 0.33 selects a backend per Attention layer as the layer is constructed, from the
+    current config's attention_config (v1/attention/selector.py get_attn_backend), and
+    with_hf_config copies share that attention_config: setting it here reaches every
+    sub-model. The block size is settled after the model loads, from the layers' backends
+    (platforms/interface.py update_block_size_for_backend).
+    """
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    attention = vllm_config.attention_config
+    selected = attention.backend.name if attention.backend is not None else None
+    backend = choose_attention_backend(
+        head_size(vllm_config.model_config.hf_config),
+        [head_size(c) for c in arm_configs],
+        str(vllm_config.model_config.dtype).removeprefix("torch."),
+        selected,
+    )
+    if backend is not None:
+        attention.backend = AttentionBackendEnum[backend]
+
+
 class GenARMForCausalLM(nn.Module):
     """A base causal LM guided by K autoregressive reward models (GenARM)."""
 
@@ -90,7 +120,12 @@ class GenARMForCausalLM(nn.Module):
             guidance.reward_models,
             max_model_len=model_config.max_model_len,
             tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
+            speculative_config=vllm_config.speculative_config,
+            pipeline_parallel_size=vllm_config.parallel_config.pipeline_parallel_size,
         )
+        arm_configs = [AutoConfig.from_pretrained(path) for path in guidance.reward_models]
+        if current_platform.is_cuda():
+            _use_safe_attention_backend(vllm_config, arm_configs)
         self.config = model_config.hf_config
         self.vocab_size = tokenizer_length(model_config.tokenizer)
 
@@ -104,9 +139,8 @@ class GenARMForCausalLM(nn.Module):
         self.embedding_rows = []
         hidden_sizes = [model_config.hf_config.get_text_config().hidden_size]
         self.secondary_weights = []
-        for i, path in enumerate(guidance.reward_models):
+        for i, (path, arm_config) in enumerate(zip(guidance.reward_models, arm_configs)):
             name = reward_model_prefix(i)
-            arm_config = AutoConfig.from_pretrained(path)
             arm_vllm_config = vllm_config.with_hf_config(arm_config)
             # The base's quantization does not apply to an unquantized reward model.
             arm_vllm_config.quant_config = None

@@ -72,7 +72,9 @@ def check_models(base, reward_models, vllm_kwargs: dict) -> list[str]:
         reward_models = list(bundle["genarm_reward_models"])
     tp = vllm_kwargs.get("tensor_parallel_size", 1)
     check_reward_models(str(base), reward_models,
-                        max_model_len=vllm_kwargs.get("max_model_len"), tensor_parallel_size=tp)
+                        max_model_len=vllm_kwargs.get("max_model_len"), tensor_parallel_size=tp,
+                        speculative_config=vllm_kwargs.get("speculative_config"),
+                        pipeline_parallel_size=vllm_kwargs.get("pipeline_parallel_size", 1))
     # The base is sharded by the same rule as its reward models.
     check_tensor_parallel(str(base), tp, role="base model")
     return reward_models

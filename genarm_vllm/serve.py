@@ -72,6 +72,8 @@ def server_argv(
         guidance.reward_models,
         max_model_len=flags.get("max_model_len"),
         tensor_parallel_size=flags.get("tensor_parallel_size") or 1,
+        speculative_config=flags.get("speculative_config"),
+        pipeline_parallel_size=flags.get("pipeline_parallel_size") or 1,
     )
     argv = [sys.executable, "-m", SERVER_MODULE, *vllm_args]
     argv += default_flags(engine_defaults(model, guidance.reward_models, user_set))

@@ -119,10 +119,13 @@ def check_reward_models(
     *,
     max_model_len: int | None = None,
     tensor_parallel_size: int = 1,
+    speculative_config=None,
+    pipeline_parallel_size: int = 1,
 ) -> None:
-    """All load-time checks for a base and its reward models."""
+    """All load-time checks for a base, its reward models and the engine settings."""
     if not reward_models:
         raise ValueError("GenARM needs at least one reward model")
+    check_engine_features(speculative_config, pipeline_parallel_size)
     for reward_model in reward_models:
         check_same_tokenizer(base, reward_model)
         if max_model_len is not None:
@@ -134,3 +137,71 @@ def check_reward_models(
             "%d..%d are never sampled, and prompts holding them are refused",
             reward_model, ids.start, ids.stop, ids.start, ids.stop - 1,
         )
+
+
+def check_engine_features(speculative_config=None, pipeline_parallel_size: int = 1) -> None:
+    """Refuse vLLM features the composite model cannot honour (yet), naming why."""
+    if speculative_config:
+        # vLLM 0.33's rejection samplers call logits processors on row slices of the target
+        # logits (v1/worker/gpu/spec_decode/rejection_sampler.py, v1/sample/rejection_sampler.py)
+        # and EAGLE/MTP drafters read the target's hidden states, which here are the
+        # concatenation of every sub-model's.
+        raise ValueError(
+            "GenARM does not support speculative decoding (speculative_config): its "
+            "per-request re-mix and the drafters' hidden states assume one logits row per "
+            "request and one model; run without speculative_config"
+        )
+    if pipeline_parallel_size and pipeline_parallel_size > 1:
+        raise ValueError(
+            f"GenARM does not support pipeline parallelism (pipeline_parallel_size="
+            f"{pipeline_parallel_size}): every sub-model runs whole on each rank; use "
+            "tensor_parallel_size instead"
+        )
+
+
+def head_size(config) -> int:
+    config = getattr(config, "get_text_config", lambda: config)()
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def choose_attention_backend(
+    base_head_size: int, arm_head_sizes: list[int], dtype: str, selected: str | None
+) -> str | None:
+    """The attention backend a GenARM engine on CUDA needs: None keeps vLLM's choice.
+
+    vLLM 0.33's Triton backend (TRITON_ATTN) sizes its decode scratch buffer from the
+    engine's (the base's) head size padded to a power of two
+    (v1/attention/backends/triton_attn.py, TritonAttentionMetadataBuilder), while its kernel
+    indexes with each layer's own (v1/attention/ops/triton_unified_attention.py): a reward
+    model with a larger padded head size writes out of bounds. vLLM picks Triton for float32
+    on CUDA, and for head sizes FlashAttention cannot take (platforms/cuda.py). FlashAttention
+    and FlashInfer size their work per layer group (checked: v1/attention/backends/flash_attn.py,
+    flashinfer.py), so they are safe; FLASH_ATTN takes fp16/bf16 and head sizes that are a
+    multiple of 8 up to 256.
+    """
+    base_padded = next_power_of_2(base_head_size)
+    larger = [h for h in arm_head_sizes if next_power_of_2(h) > base_padded]
+    if not larger:
+        return None  # every layer fits the base-sized scratch buffer: any backend is safe
+    selected = (selected or "").upper() or None
+    if selected not in (None, "AUTO", "TRITON_ATTN"):
+        return None  # the user chose a backend that sizes per layer
+    reason = (
+        f"reward model head size {larger[0]} is larger than the base's {base_head_size} "
+        "(padded to powers of two), which vLLM's TRITON_ATTN backend does not support "
+        "(its decode buffer is sized from the base's head size)"
+    )
+    if selected == "TRITON_ATTN":
+        raise ValueError(f"{reason}; choose attention_backend FLASH_ATTN or FLASHINFER")
+    head_sizes = [base_head_size, *arm_head_sizes]
+    if dtype in ("float16", "bfloat16") and all(h % 8 == 0 and h <= 256 for h in head_sizes):
+        return "FLASH_ATTN"
+    raise ValueError(
+        f"{reason}, and FLASH_ATTN cannot run dtype {dtype} with head sizes {head_sizes}; "
+        "run in bfloat16 or float16 (FLASH_ATTN), or use reward models whose head size is at "
+        "most the base's"
+    )
