@@ -36,18 +36,20 @@ from genarm_vllm.guidance import (
     request_guidance,
 )
 from genarm_vllm.mixing import combine_scores
-from genarm_vllm.model import latest_step_logits
+from genarm_vllm.model import StepLogits, latest_step_logits
 
 logger = logging.getLogger(__name__)
 
 
-def remix_(logits: torch.Tensor, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Re-mixes every row of `logits` in place under per-row beta [N] and weights [N, K].
+def remix_(
+    logits: torch.Tensor, beta: torch.Tensor, weights: torch.Tensor, step: StepLogits
+) -> torch.Tensor:
+    """Re-mixes every row of `logits` in place under per-row beta [N] and weights [N, K],
+    from the logits `step` of the model that computed them.
 
     Whatever vLLM did to the rows since compute_logits (grammar and allowed-token masks,
     bad words, logit bias) is kept. Rows on the engine's defaults are left exactly as they are.
     """
-    step = latest_step_logits()
     if step.base.shape[0] != logits.shape[0]:
         raise RuntimeError(
             f"GenARM: {logits.shape[0]} logits rows but the model computed {step.base.shape[0]}"
@@ -83,6 +85,7 @@ class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
                 f"GenARMLogitsProcessor needs the {ARCHITECTURE} model; this engine runs "
                 f"{getattr(hf_config, 'architectures', None)}"
             )
+        self.vllm_config = vllm_config  # finds this engine's step logits (model.py)
         guidance = GuidanceConfig.from_hf_config(hf_config)
         self.num_models = len(guidance.reward_models)
         self.default_beta = guidance.beta
@@ -137,7 +140,8 @@ class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         if ctx is not None:  # V2
             slots = ctx.expanded_idx_mapping
-            return remix_(logits, self.slot_beta[slots], self.slot_weights[slots])
+            return remix_(logits, self.slot_beta[slots], self.slot_weights[slots],
+                          latest_step_logits(self.vllm_config))
         if not self.overrides:
             return logits
         # One pass over the whole batch (rows on the defaults get a zero change) is
@@ -149,5 +153,5 @@ class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             betas[index], weights[index] = beta, row_weights
         return remix_(
             logits, torch.tensor(betas, device=logits.device),
-            torch.tensor(weights, device=logits.device),
+            torch.tensor(weights, device=logits.device), latest_step_logits(self.vllm_config),
         )

@@ -14,6 +14,7 @@ Selected through the hf_config fields described in genarm_vllm/guidance.py.
 from __future__ import annotations
 
 import string
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,18 +58,25 @@ class StepLogits:
 
 
 # Logits processors see logits only, never the model; they run right after
-# compute_logits, in the same worker process, so the model hands them the raw
-# logits of the current step here.
-_latest_step: StepLogits | None = None
+# compute_logits, in the same worker process. The model hands them each step's logits
+# here, keyed by the engine: model and processor are built with the same VllmConfig object
+# (vLLM's model runner passes its own to both), so two engines in one process never read
+# each other's logits.
+_STEP_LOGITS: dict[int, StepLogits] = {}
 
 
-def latest_step_logits() -> StepLogits:
-    if _latest_step is None:
+def publish_step_logits(vllm_config, step: StepLogits) -> None:
+    _STEP_LOGITS[id(vllm_config)] = step
+
+
+def latest_step_logits(vllm_config) -> StepLogits:
+    step = _STEP_LOGITS.get(id(vllm_config))
+    if step is None:
         raise RuntimeError(
             "GenARM logits processor ran before GenARMForCausalLM computed any logits: "
             f"it only works with the {ARCHITECTURE} architecture"
         )
-    return _latest_step
+    return step
 
 
 def reward_model_prefix(index: int) -> str:
@@ -127,6 +135,8 @@ class GenARMForCausalLM(nn.Module):
         if current_platform.is_cuda():
             _use_safe_attention_backend(vllm_config, arm_configs)
         self.config = model_config.hf_config
+        self.vllm_config = vllm_config  # the key of this engine's step hand-off
+        weakref.finalize(self, _STEP_LOGITS.pop, id(vllm_config), None)
         self.vocab_size = tokenizer_length(model_config.tokenizer)
 
         self.base = init_vllm_registered_model(
@@ -193,21 +203,21 @@ class GenARMForCausalLM(nn.Module):
         return torch.cat(hidden_states, dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
-        global _latest_step
         parts = hidden_states.split(self.hidden_sizes, dim=-1)
         base_logits = self.base.compute_logits(parts[0])
         reward_logits = [arm.compute_logits(h) for arm, h in zip(self.reward_models, parts[1:])]
         if base_logits is None:  # a tensor-parallel rank that does not sample
             return None
-        _latest_step = StepLogits(
+        step = StepLogits(
             tokenizer_columns(base_logits, self.vocab_size),
             [tokenizer_columns(logits, self.vocab_size) for logits in reward_logits],
             base_logits.shape[-1],
             self.default_beta,
             self.default_weights,
         )
+        publish_step_logits(self.vllm_config, step)
         # float32: the sampler works in float32 anyway.
-        return _latest_step.mix_defaults()
+        return step.mix_defaults()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # The base checkpoint's names carry no prefix; reward models' carry theirs.

@@ -282,3 +282,4 @@ def test_tokenizers_with_extra_ids_at_the_end(padded_pair, engine):
                                          rf"reward model {models['arm']}'s {extra_id} embedding rows"):
         llm.generate([prompt], GREEDY_12)
     assert len(token_ids(llm.generate(PROMPTS[:1], GREEDY_12))[0]) == 12
+

@@ -35,6 +35,9 @@ def vllm_config():
     return SimpleNamespace(model_config=SimpleNamespace(hf_config=hf_config))
 
 
+CONFIG = vllm_config()  # the engine: its model publishes, its processor reads
+
+
 def guided(beta=None, weights=None):
     extra = {}
     if beta is not None:
@@ -53,12 +56,13 @@ class Step:
         # A reward model with a smaller vocabulary takes the processor's exact path.
         self.arms = [torch.randn(rows, WIDTH, generator=g) * 3,
                      torch.randn(rows, VOCAB - 5 if small_arm else WIDTH, generator=g) * 3]
-        genarm_model._latest_step = genarm_model.StepLogits(
+        step = genarm_model.StepLogits(
             tokenizer_columns(self.base, VOCAB), [tokenizer_columns(a, VOCAB) for a in self.arms],
             WIDTH, torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
         )
+        genarm_model.publish_step_logits(CONFIG, step)
         # What compute_logits hands the sampler: every row mixed with the defaults.
-        self.logits = genarm_model._latest_step.mix_defaults()
+        self.logits = step.mix_defaults()
 
     def expected(self, row, beta=DEFAULT_BETA, weights=DEFAULT_WEIGHTS):
         return mix_logits(self.base[row : row + 1], [a[row : row + 1] for a in self.arms],
@@ -70,7 +74,7 @@ def test_v2_interface_through_vllms_loader(small_arm):
     req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8, vocab_size=WIDTH,
                                  all_token_ids=None, prompt_len=None, prefill_len=None,
                                  total_len=None)
-    [proc] = build_custom_logits_processors(vllm_config(), req_states, False,
+    [proc] = build_custom_logits_processors(CONFIG, req_states, False,
                                             (GenARMLogitsProcessor,))
     assert proc.add_request(3, guided(0.5, [2.0, -1.0])) is True
     assert proc.add_request(0, guided()) is False  # engine defaults: nothing to re-mix
@@ -100,7 +104,7 @@ def test_v2_interface_through_vllms_loader(small_arm):
 
 @pytest.mark.parametrize("small_arm", [False, True])
 def test_v1_interface_follows_batch_updates(small_arm):
-    proc = GenARMLogitsProcessor(vllm_config(), torch.device("cpu"), False)
+    proc = GenARMLogitsProcessor(CONFIG, torch.device("cpu"), False)
     assert proc.is_argmax_invariant() is False  # else greedy requests would skip it
     proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
         (0, guided(), [1], []), (1, guided(0.25), [1], []), (2, guided(2.0, [1.0, 1.0]), [1], []),
@@ -147,3 +151,25 @@ def test_refuses_a_model_that_is_not_genarm():
     config.model_config.hf_config.architectures = ["LlamaForCausalLM"]
     with pytest.raises(ValueError, match="needs the GenARMForCausalLM model"):
         GenARMLogitsProcessor(config, torch.device("cpu"), False)
+
+
+def test_each_engine_reads_its_own_step_logits():
+    """Two engines in one process: a processor reads the logits of its own engine's model."""
+    other = vllm_config()
+    mine = Step(rows=2, seed=5)
+    theirs = genarm_model.StepLogits(
+        tokenizer_columns(torch.zeros(3, WIDTH), VOCAB), [tokenizer_columns(torch.zeros(3, WIDTH), VOCAB)] * 2,
+        WIDTH, torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
+    )
+    genarm_model.publish_step_logits(other, theirs)  # published after mine
+    proc = GenARMLogitsProcessor(CONFIG, torch.device("cpu"), False)
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[], added=[
+        (0, guided(0.5), [1], []), (1, guided(), [1], [])]))
+    out = proc.apply(mine.logits.clone())
+    torch.testing.assert_close(out[0], mine.expected(0, 0.5))
+    # An engine whose model published nothing yet reads nothing (never another engine's).
+    lonely = GenARMLogitsProcessor(vllm_config(), torch.device("cpu"), False)
+    lonely.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[
+        (0, guided(0.5), [1], [])]))
+    with pytest.raises(RuntimeError, match="before GenARMForCausalLM computed any logits"):
+        lonely.apply(mine.logits[:1].clone())
