@@ -283,3 +283,40 @@ def test_tokenizers_with_extra_ids_at_the_end(padded_pair, engine):
         llm.generate([prompt], GREEDY_12)
     assert len(token_ids(llm.generate(PROMPTS[:1], GREEDY_12))[0]) == 12
 
+
+
+def test_returned_logprobs_mean_what_the_readme_says(tiny, engine):
+    """Sample logprobs: the request's own mix after temperature and top-k; prompt logprobs:
+    the engine-default mix (README, Python API)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from genarm_vllm.mixing import mix_logits
+    from genarm_vllm.reference import top_k_top_p_filter
+    from genarm_vllm.validation import tokenizer_length
+
+    llm = engine("arm_small", ["arm_small"], beta=0.5)
+    params = SamplingParams(temperature=0.5, top_k=3, max_tokens=1, logprobs=3,
+                            prompt_logprobs=1, seed=0)
+    out = llm.generate([PROMPTS[4]], params, guidance={"beta": 0.25, "weights": [2.0]},
+                       use_tqdm=False)[0]
+    ids = out.prompt_token_ids
+    models = [AutoModelForCausalLM.from_pretrained(tiny[m], dtype=torch.float32)
+              for m in ("base", "arm_small")]
+    with torch.no_grad():
+        logits = [m(torch.tensor([ids])).logits[0] for m in models]  # [T, V] each
+    vocab, positions = tokenizer_length(tiny["base"]), len(ids)
+
+    def mixed(beta, weight):
+        return mix_logits(logits[0], [logits[1]], torch.full((positions,), beta),
+                          torch.full((positions, 1), weight), vocab)
+
+    own = top_k_top_p_filter(mixed(0.25, 2.0)[-1:] / 0.5, 3, 1.0).log_softmax(-1)[0]
+    sampled = out.outputs[0].logprobs[0]
+    assert len([t for t in sampled if sampled[t].rank is not None and sampled[t].rank <= 3]) >= 3
+    for token, logprob in sampled.items():
+        torch.testing.assert_close(logprob.logprob, own[token].item(), rtol=1e-4, atol=1e-4)
+    default = mixed(0.5, 1.0).log_softmax(-1)
+    for t in range(1, positions):
+        got = out.prompt_logprobs[t][ids[t]].logprob
+        torch.testing.assert_close(got, default[t - 1, ids[t]].item(), rtol=1e-4, atol=1e-4)
