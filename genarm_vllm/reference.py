@@ -89,12 +89,17 @@ class ReferenceDecoder:
         seed: int | None = None,
         ignore_eos: bool = False,
         batch_size: int | None = None,
+        repetition_penalty: float = 1.0,
     ) -> list[list[int]]:
         """Generated token ids per prompt (EOS included when it ends a row).
 
         `guidance` is as in `GuidedLLM.generate`: None, one dict, or one per prompt.
         temperature 0 means greedy (argmax of the mixed scores).
+        repetition_penalty: as vLLM applies it, on the mixed scores of every token seen in
+        the prompt or the output so far (positive scores divided by it, others multiplied).
         """
+        if not (repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
         prompt_ids = [self._encode(p) for p in prompts]
         per_prompt = [
             g or (self.beta, self.weights)
@@ -115,11 +120,13 @@ class ReferenceDecoder:
                 top_p,
                 generator,
                 ignore_eos,
+                repetition_penalty,
             )
         return outputs
 
     def _generate_batch(
-        self, prompt_ids, guidance, max_new_tokens, temperature, top_k, top_p, generator, ignore_eos
+        self, prompt_ids, guidance, max_new_tokens, temperature, top_k, top_p, generator, ignore_eos,
+        repetition_penalty,
     ) -> list[list[int]]:
         rows = len(prompt_ids)
         longest = max(len(p) for p in prompt_ids)
@@ -139,6 +146,7 @@ class ReferenceDecoder:
         outputs: list[list[int]] = [[] for _ in range(rows)]
         finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
         step_ids = input_ids
+        seen = None  # [rows, width] tokens seen so far, for the repetition penalty
         for _ in range(max_new_tokens):
             position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
             position_ids = position_ids[:, -step_ids.shape[1] :]
@@ -154,10 +162,20 @@ class ReferenceDecoder:
                 caches[m] = out.past_key_values
                 logits.append(out.logits[:, -1, :])
             scores = mix_logits(logits[0], logits[1:], beta, weights, self.vocab_size)
+            if repetition_penalty != 1.0:
+                if seen is None:  # the prompt's ids, without the left padding
+                    seen = torch.zeros_like(scores, dtype=torch.bool)
+                    for i, ids in enumerate(prompt_ids):
+                        seen[i, torch.tensor(ids, device=self.device)] = True
+                penalized = torch.where(scores > 0, scores / repetition_penalty,
+                                        scores * repetition_penalty)
+                scores = torch.where(seen, penalized, scores)
             next_ids = self._pick(scores, temperature, top_k, top_p, generator)
             for i in range(rows):
                 if not finished[i]:
                     outputs[i].append(int(next_ids[i]))
+            if seen is not None:
+                seen[torch.arange(rows, device=self.device), next_ids] = True
             if not ignore_eos and self.eos_token_id is not None:
                 finished |= next_ids == self.eos_token_id
             if bool(finished.all()):

@@ -320,3 +320,15 @@ def test_returned_logprobs_mean_what_the_readme_says(tiny, engine):
     for t in range(1, positions):
         got = out.prompt_logprobs[t][ids[t]].logprob
         torch.testing.assert_close(got, default[t - 1, ids[t]].item(), rtol=1e-4, atol=1e-4)
+
+
+def test_repetition_penalty_acts_on_each_requests_own_mix(tiny, engine):
+    """V1 (this CPU) applies penalties after the logits processors: on the request's mix."""
+    llm = engine("small+qwen2", ["arm_small", "arm_qwen2"], beta=0.7, weights=[1.0, -0.5])
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.5)
+    want = ReferenceDecoder(tiny["base"], [tiny["arm_small"], tiny["arm_qwen2"]], beta=0.7,
+                            weights=[1.0, -0.5]).generate(
+        PROMPTS, 16, guidance=GUIDANCE, ignore_eos=True, repetition_penalty=1.5)
+    assert token_ids(llm.generate(PROMPTS, params, guidance=GUIDANCE)) == want
+    plain = token_ids(llm.generate(PROMPTS, GREEDY, guidance=GUIDANCE))
+    assert plain != want  # the penalty changed the output

@@ -53,3 +53,14 @@ def test_backend_is_set_on_the_config_the_layers_read(tiny):
 def test_refused_engine_features(tiny, kwargs, match):
     with pytest.raises(ValueError, match=match):
         GuidedLLM(tiny["base"], [tiny["arm_small"]], max_model_len=256, **kwargs)
+
+
+def test_gpu_check_without_a_gpu_checks_nothing_and_says_so():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "no CUDA GPU on this machine: nothing checked (0 passed, 0 failed)" in done.stdout
