@@ -146,6 +146,119 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
     return 0  # not reached: serve() execs the vLLM server
 
 
+def cmd_train_arm(args: argparse.Namespace) -> int:
+    from genarm_vllm import train
+
+    metrics = train.train_arm(args.init, args.data, args.out, recipe=args.recipe,
+                              **train.options_from_args(args))
+    summary = ""
+    if metrics["eval"]:
+        first, last = metrics["eval"][0], metrics["eval"][-1]
+        summary = (f"; held-out accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f}, "
+                   f"mean margin {first['mean_margin']:.3f} -> {last['mean_margin']:.3f}")
+    print(f"wrote ARM {args.out}{summary} (metrics: {Path(args.out) / train.METRICS_FILE})")
+    if metrics["truncated_pairs"]:
+        print(f"note: {metrics['truncated_pairs']} pair(s) had a response cut at --max-length "
+              f"{metrics['args']['max_length']}")
+    if metrics["adapter_dir"]:
+        print(f"wrote LoRA adapter {metrics['adapter_dir']}")
+    return 0
+
+
+def add_train_arm_parser(sub) -> None:
+    """The train-arm sub-command. Option defaults are unset (None) so that cmd_train_arm
+    passes only the flags given: they override --recipe, which overrides TrainOptions."""
+    from genarm_vllm.train import (
+        ADAPTER_DIR, CHECKPOINT_DIR, DEFAULT_LR, DEVICES, METRICS_FILE, MODES, PRECISIONS,
+        RECIPES, REPORT_TO, SCHEDULERS, TrainOptions,
+    )
+
+    d = TrainOptions()
+    p = sub.add_parser(
+        "train-arm", help="train an autoregressive reward model (ARM) from preference pairs",
+        description="Train a GenARM autoregressive reward model (transformers.Trainer): loss "
+        "-log sigmoid(beta_r * (sum_t log pi(chosen_t) - sum_t log pi(rejected_t)) - gamma) over "
+        "response tokens (summed, prompt masked, no reference model). Rows: {\"prompt\", "
+        "\"chosen\", \"rejected\"} strings, chosen/rejected chat message lists (UltraFeedback), "
+        "or HH-RLHF conversations. Multi-GPU: `accelerate launch -m genarm_vllm.cli train-arm "
+        "... [--deepspeed launch/ds_zero3.json]`. The ARM folder (LoRA merged) carries the "
+        f"tokenizer and {METRICS_FILE}.",
+    )
+
+    def add(group, flag, help, **kwargs):
+        name = flag.lstrip("-").replace("-", "_")
+        default = getattr(d, name, None)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        group.add_argument(flag, default=None, help=f"{help} (default {shown})", **kwargs)
+
+    p.add_argument("--init", required=True,
+                   help="causal LM folder the ARM starts from (the base itself, or a smaller "
+                   "competent LM with the same tokenizer)")
+    p.add_argument("--data", required=True,
+                   help="JSONL file of preference rows, or a local Hugging Face datasets folder "
+                   "(save_to_disk; split train or train_prefs)")
+    p.add_argument("--out", required=True, help="ARM folder to write")
+    p.add_argument("--base", default=None,
+                   help="base model folder the ARM will guide: checks the tokenizers agree")
+    p.add_argument("--recipe", choices=list(RECIPES), default=None,
+                   help="the paper's hyperparameters: hh (LoRA r8/a16 q,k,v, beta_r 0.05, lr 5e-4, "
+                   "1 epoch, 32 pairs/step, QLoRA on a GPU), ultrafeedback (full, beta_r 0.1, lr "
+                   "5e-7, 3 epochs), pku-help / pku-harm (LoRA, beta_r 0.5 / 0.01); any flag "
+                   "overrides them")
+    g = p.add_argument_group("objective and schedule")
+    add(g, "--beta-r", "loss scale beta_r", type=float)
+    add(g, "--gamma", "loss margin gamma", type=float)
+    add(g, "--epochs", "passes over the training pairs", type=int)
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: " +
+                   ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
+    add(g, "--batch-size", "pairs per forward pass and process", type=int)
+    add(g, "--grad-accum", "forward passes per optimizer step", type=int)
+    add(g, "--max-length", "tokens per prompt + response; longer responses are cut", type=int)
+    add(g, "--eval-fraction", "share of pairs held out for accuracy / margin", type=float)
+    add(g, "--seed", "data split, order, LoRA init", type=int)
+    add(g, "--lr-scheduler", "learning-rate schedule", choices=SCHEDULERS)
+    add(g, "--warmup-ratio", "share of steps warming up", type=float)
+    add(g, "--warmup-steps", "warmup steps instead of --warmup-ratio (0: use the ratio)", type=int)
+    add(g, "--weight-decay", "AdamW weight decay", type=float)
+    add(g, "--max-grad-norm", "gradient clipping", type=float)
+    g = p.add_argument_group("what trains")
+    add(g, "--mode", "all weights, LoRA adapters (saved merged), or the top --top-layers decoder "
+        "layers + final norm", choices=MODES)
+    add(g, "--top-layers", "decoder layers trained in top-layers mode", type=int, metavar="K")
+    add(g, "--lora-r", "LoRA rank", type=int)
+    add(g, "--lora-alpha", "LoRA alpha", type=float)
+    add(g, "--lora-dropout", "LoRA dropout", type=float)
+    add(g, "--lora-targets", "modules LoRA adapts, comma separated")
+    add(g, "--load-in-4bit", "QLoRA: 4-bit base weights (needs a CUDA GPU and bitsandbytes; hh "
+        "recipe: on when both are present)", action=argparse.BooleanOptionalAction)
+    g.add_argument("--save-adapter", nargs="?", const=True, default=None, metavar="DIR",
+                   help=f"lora mode: also save the adapter alone (default DIR: ARM_DIR/{ADAPTER_DIR}); "
+                   "rebuild the ARM with genarm_vllm.train.merge_adapter")
+    g.add_argument("--chat-template", action="store_true", default=None,
+                   help="render plain prompts with the tokenizer's chat template (one user "
+                   "message); chat-message rows always use it")
+    g = p.add_argument_group("hardware, checkpoints, logging (transformers.Trainer)")
+    add(g, "--device", "auto picks a CUDA GPU when one is visible", choices=DEVICES)
+    add(g, "--precision", "mixed precision (float32 master weights)", choices=PRECISIONS)
+    add(g, "--gradient-checkpointing", "recompute activations in backward (less memory)",
+        action="store_true")
+    add(g, "--deepspeed", "DeepSpeed config file, e.g. launch/ds_zero3.json (with accelerate launch)")
+    add(g, "--eval-steps", "held-out metrics every N optimizer steps (0: after each epoch)", type=int)
+    add(g, "--save-steps", "a checkpoint every N optimizer steps (0: none)", type=int)
+    add(g, "--save-total-limit", "checkpoints kept", type=int)
+    add(g, "--checkpoint-dir", f"where checkpoints go (None: ARM_DIR/{CHECKPOINT_DIR})")
+    add(g, "--keep-checkpoints", "keep the checkpoints after the run finishes", action="store_true")
+    g.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue an interrupted run from its latest checkpoint (or CHECKPOINT)")
+    add(g, "--logging-steps", "log the training loss every N steps", type=int)
+    add(g, "--report-to", "logging backend", choices=REPORT_TO)
+    g.add_argument("--trainer-arg", dest="trainer_args", action="append", default=None,
+                   metavar="KEY=VALUE",
+                   help="any further transformers.TrainingArguments field, VALUE as JSON or a "
+                   "string (repeat), e.g. --trainer-arg optim=adafactor")
+    p.set_defaults(func=cmd_train_arm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="genarm-vllm",
@@ -218,9 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default weight per reward model, comma separated (bundle's or 1 each)")
     p.set_defaults(func=cmd_serve, takes_vllm_args=True)
 
-    from genarm_vllm import train
-
-    train.add_cli(sub)
+    add_train_arm_parser(sub)
     return parser
 
 

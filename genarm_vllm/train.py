@@ -8,41 +8,82 @@ log-probability r(x, y) = sum_t log pi_r(y_t | x, y_<t) over the response tokens
 
 summed over tokens (not averaged), with no reference model.
 
-Tokenization (one choice, used for training and matching how the engine decodes):
-    prompt ids   the raw prompt tokenized with the tokenizer's own special tokens (e.g. BOS),
-                 as vLLM's generate() does; or, with chat_template=True, the tokenizer's chat
-                 template rendered for one user message with add_generation_prompt=True and
-                 tokenized without adding special tokens, as vLLM's chat path does;
-    response ids the response tokenized on its own, without special tokens, then the EOS token
-                 (so the ARM also scores where responses end).
+The trainer: a `transformers.Trainer` subclass (ARMTrainer) whose compute_loss is the loss
+above. Why Trainer and not TRL's DPOTrainer (which the official code subclasses):
+  - everything the issue asks of "the Hugging Face stack" lives in Trainer itself, and TRL's
+    trainers inherit it from there: device placement, bf16/fp16 autocast, gradient
+    checkpointing, peft models, `accelerate launch` multi-GPU, DeepSpeed ZeRO (a config file),
+    periodic checkpoints and resume, evaluation every N steps, report_to tensorboard / wandb;
+    every TrainingArguments field stays reachable (`--trainer-arg KEY=VALUE`);
+  - DPOTrainer tokenizes rows by its own rules (and changes them between releases); an ARM
+    must be trained on exactly the ids the decoders feed it (genarm_vllm.tokenization, shared
+    with the batch job and the demo), so we would have to bypass its data pipeline anyway;
+  - DPOTrainer's loss is built around a reference model; GenARM has none, and its margin gamma
+    needs a subclass: the loss is ten lines in compute_loss, with no extra dependency.
+
+Tokenization (genarm_vllm.tokenization, the contract shared with the decoders):
+    prompt ids   a plain prompt: tokenized with the tokenizer's special tokens (as vLLM's
+                 generate() does); with chat_template=True, or for rows that are chat
+                 conversations, the chat template for the prompt turns (generation prompt
+                 added), as vLLM's chat path does;
+    response ids the response tokenized on its own, then EOS.
 Only response tokens (EOS included) are scored; prompt and padding positions are masked. A
 response that does not fit in max_length after its prompt is cut (its EOS is then dropped).
-The response is tokenized separately from the prompt, as the base generates it: put any
-separating space or newline at the end of the prompt or the start of the response.
 
-Module-level imports stay light (stdlib only): cli.py imports this module for every command,
-and torch / transformers take seconds to import.
+Rows (JSONL lines or a `datasets` folder), in the common public layouts:
+    {"prompt": str, "chosen": str, "rejected": str}
+    {"chosen": [messages], "rejected": [messages]} (UltraFeedback binarized; "prompt", a string
+        or a list of messages, optional): the turns before the last assistant message must be
+        the same in both and are the prompt; the last assistant contents are the responses;
+    {"chosen": "\\n\\nHuman: ... \\n\\nAssistant: ...", "rejected": ...} (HH-RLHF): the text up
+        to the last "\\n\\nAssistant:" is the shared prompt, the rest the responses.
+
+Module-level imports stay light (stdlib only): cli.py reads the defaults and recipes from here
+for every command, and torch / transformers take seconds to import.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import random
+import re
+import shutil
 import time
 from pathlib import Path
 
 FIELDS = ("prompt", "chosen", "rejected")
 MODES = ("full", "lora", "top-layers")
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+REPORT_TO = ("none", "tensorboard", "wandb")
+SCHEDULERS = ("cosine", "linear", "constant_with_warmup", "constant")
 # LoRA: the official HH-RLHF recipe. Full / top layers: a small step for small models (the
 # official 7B full fine-tune uses 5e-7).
 DEFAULT_LR = {"full": 1e-5, "top-layers": 1e-5, "lora": 5e-4}
 METRICS_FILE = "genarm_train_metrics.json"
 ADAPTER_DIR = "lora_adapter"
+CHECKPOINT_DIR = "checkpoints"  # default place of periodic checkpoints, under the ARM folder
 MAX_REPORTED_ROWS = 10
 IGNORE = -100  # label of positions that are not scored (prompt, padding)
+HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
+QKV = ("q_proj", "k_proj", "v_proj")
+
+# The paper's recipes (official code, ../shared/GENARM.md). 32 pairs per optimizer step are
+# batch_size x grad_accum on one process; under `accelerate launch` over N processes a step
+# holds N times as many (divide --grad-accum by N to keep 32).
+_LORA_8_16 = dict(mode="lora", lora_r=8, lora_alpha=16.0, lora_dropout=0.05, lora_targets=QKV)
+RECIPES = {
+    # HH-RLHF: LoRA on LLaMA-7B SFT, 4-bit (QLoRA) when bitsandbytes and a GPU are present.
+    "hh": dict(**_LORA_8_16, beta_r=0.05, lr=5e-4, epochs=1, batch_size=4, grad_accum=8,
+               lr_scheduler="cosine", warmup_steps=100, load_in_4bit="auto"),
+    # Weak-to-strong: full fine-tune of tulu-2-7b on ultrafeedback_binarized train_prefs.
+    "ultrafeedback": dict(mode="full", beta_r=0.1, lr=5e-7, epochs=3, batch_size=4, grad_accum=8),
+    # Multi-objective: LoRA on alpaca-7b-reproduced, PKU-SafeRLHF-10K, one ARM per objective.
+    "pku-help": dict(**_LORA_8_16, beta_r=0.5, lr=5e-4, epochs=1, batch_size=4, grad_accum=8),
+    "pku-harm": dict(**_LORA_8_16, beta_r=0.01, lr=5e-4, epochs=1, batch_size=4, grad_accum=8),
+}
 
 
 @dataclasses.dataclass
@@ -54,44 +95,97 @@ class TrainOptions:
     gamma: float = 0.0
     epochs: int = 1
     lr: float | None = None  # None: DEFAULT_LR[mode]
-    batch_size: int = 4  # pairs per forward pass (2 x batch_size sequences)
+    batch_size: int = 4  # pairs per forward pass and process (2 x batch_size sequences)
     grad_accum: int = 1  # forward passes per optimizer step
     max_length: int = 512  # tokens per sequence (prompt + response)
     eval_fraction: float = 0.1
     seed: int = 0
-    warmup_ratio: float = 0.1  # linear warmup share of the cosine schedule
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.1  # linear warmup share of the schedule (unless warmup_steps)
+    warmup_steps: int = 0  # > 0: this many warmup steps instead of warmup_ratio
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
     mode: str = "full"
     top_layers: int = 2
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    lora_targets: tuple[str, ...] = QKV
+    load_in_4bit: bool | str = False  # QLoRA: True, False or "auto" (True when GPU + bnb)
     save_adapter: bool | str = False  # True: ARM_DIR/lora_adapter; a path: there
     chat_template: bool = False
+    # Hardware and the trainer stack.
+    device: str = "auto"  # auto: a GPU when present
+    precision: str = "fp32"  # mixed precision: bf16 / fp16 autocast, float32 master weights
+    gradient_checkpointing: bool = False
+    deepspeed: str | None = None  # a DeepSpeed config file (launch/ds_zero3.json)
+    eval_steps: int = 0  # 0: held-out metrics after each epoch (and before training)
+    save_steps: int = 500  # a checkpoint every N optimizer steps (0: none)
+    save_total_limit: int = 2
+    checkpoint_dir: str | None = None  # None: ARM_DIR/checkpoints
+    keep_checkpoints: bool = False  # keep them after a finished run
+    resume: bool | str = False  # True: the latest checkpoint in checkpoint_dir; a path: that one
+    logging_steps: int = 10
+    report_to: str = "none"
+    trainer_args: dict = dataclasses.field(default_factory=dict)  # more TrainingArguments
 
     def check(self) -> None:
         """ValueError naming the first invalid option."""
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name, allowed in [("mode", MODES), ("precision", PRECISIONS), ("device", DEVICES),
+                              ("report_to", REPORT_TO), ("lr_scheduler", SCHEDULERS)]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("beta_r", "lr", "lora_alpha"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if not math.isfinite(self.gamma):
             raise ValueError(f"gamma must be finite, got {self.gamma!r}")
-        for name in ("epochs", "batch_size", "grad_accum", "top_layers", "lora_r"):
+        for name in ("epochs", "batch_size", "grad_accum", "top_layers", "lora_r", "logging_steps",
+                     "save_total_limit"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("eval_steps", "save_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length!r}")
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
-        if not 0 <= self.warmup_ratio <= 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
+            raise ValueError("weight_decay and max_grad_norm must be >= 0")
         if self.save_adapter and self.mode != "lora":
             raise ValueError("save_adapter needs mode lora")
+        if self.load_in_4bit not in (True, False, "auto"):
+            raise ValueError(f"load_in_4bit must be True, False or 'auto', got {self.load_in_4bit!r}")
+        if self.load_in_4bit is True and self.mode != "lora":
+            raise ValueError("load_in_4bit (QLoRA) needs mode lora")
+        if self.deepspeed is not None and not Path(self.deepspeed).is_file():
+            raise ValueError(f"deepspeed config {self.deepspeed} is not a file")
+
+
+def resolve_options(recipe: str | None = None, **explicit) -> TrainOptions:
+    """TrainOptions: the defaults, then the recipe's values, then every explicit option."""
+    if recipe is not None and recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    unknown = sorted(set(explicit) - names)
+    if unknown:
+        raise ValueError(f"unknown training option(s) {', '.join(unknown)}")
+    opts = TrainOptions(**{**RECIPES.get(recipe, {}), **explicit})
+    if isinstance(opts.lora_targets, str):  # "q_proj,v_proj", as on the command line
+        opts.lora_targets = opts.lora_targets.split(",")
+    opts.lora_targets = tuple(t.strip() for t in opts.lora_targets if t.strip())
+    if not opts.lora_targets:
+        raise ValueError("lora_targets: give at least one module name")
+    opts.check()
+    if opts.lr is None:
+        opts.lr = DEFAULT_LR[opts.mode]
+    return opts
 
 
 @dataclasses.dataclass
@@ -152,20 +246,26 @@ def collate(pairs: list[Pair], pad_id: int) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def pair_logps(model, pairs: list[Pair], pad_id: int, vocab_size: int):
-    """(chosen, rejected) summed response log-probs of `pairs`, one forward pass for both."""
-    batch = collate(pairs, pad_id)
-    # Logits only from the last position of the shortest prompt on: the earlier ones predict
-    # prompt tokens, and the vocabulary projection is a large share of a small model's cost.
-    keep = batch["input_ids"].shape[1] - min(len(p.prompt_ids) for p in pairs) + 1
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-        logits_to_keep=keep,
-    ).logits
+def batch_logps(model, batch: dict, vocab_size: int):
+    """(chosen, rejected) summed response log-probs of a `collate` batch, one forward pass."""
+    labels = batch["labels"]
+    # Logits only from the position before the first scored token on: the earlier ones
+    # predict prompt tokens, and the vocabulary projection is a large share of a small
+    # model's cost.
+    first = int((labels != IGNORE).any(0).int().argmax())
+    keep = labels.shape[1] - max(first - 1, 0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False, logits_to_keep=keep).logits
     # Normalise over the tokenizer's vocabulary only, as GenARM decoding does: padded
     # vocabulary columns are dropped before the softmax.
-    logps = response_logps(logits[..., :vocab_size], batch["labels"][:, -keep:])
-    return logps[: len(pairs)], logps[len(pairs):]
+    logps = response_logps(logits[..., :vocab_size], labels[:, -keep:])
+    half = labels.shape[0] // 2
+    return logps[:half], logps[half:]
+
+
+def pair_logps(model, pairs: list[Pair], pad_id: int, vocab_size: int):
+    """(chosen, rejected) summed response log-probs of `pairs`, one forward pass for both."""
+    return batch_logps(model, collate(pairs, pad_id), vocab_size)
 
 
 # ----------------------------------------------------------------------------- data
@@ -194,7 +294,8 @@ def read_rows(data: str | Path) -> tuple[list[tuple[str, object]], list[str]]:
 
 
 def read_dataset_folder(path: Path) -> list[tuple[str, object]]:
-    """Rows of a Hugging Face `datasets` folder (save_to_disk); a DatasetDict's train split."""
+    """Rows of a Hugging Face `datasets` folder (save_to_disk); of a DatasetDict, the split
+    train (or train_prefs, as UltraFeedback binarized names it), or its only split."""
     import datasets
 
     try:
@@ -202,56 +303,121 @@ def read_dataset_folder(path: Path) -> list[tuple[str, object]]:
     except FileNotFoundError as e:
         raise ValueError(f"{path} is not a datasets folder (save_to_disk) or a JSONL file: {e}") from None
     if isinstance(dataset, datasets.DatasetDict):
-        if "train" not in dataset and len(dataset) != 1:
-            raise ValueError(f"{path} holds splits {list(dataset)}; expected 'train' or one split")
-        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    missing = [name for name in FIELDS if name not in dataset.column_names]
+        split = next((s for s in ("train", "train_prefs") if s in dataset), None)
+        if split is None and len(dataset) != 1:
+            raise ValueError(f"{path} holds splits {list(dataset)}; expected 'train', "
+                             "'train_prefs' or one split")
+        dataset = dataset[split] if split else next(iter(dataset.values()))
+    missing = [name for name in ("chosen", "rejected") if name not in dataset.column_names]
     if missing:
         raise ValueError(
             f"dataset {path} lacks column(s) {', '.join(missing)} (has {dataset.column_names})"
         )
-    return [(f"row {i}", row) for i, row in enumerate(dataset.select_columns(list(FIELDS)), start=1)]
+    columns = [name for name in FIELDS if name in dataset.column_names]
+    return [(f"row {i}", row) for i, row in enumerate(dataset.select_columns(columns), start=1)]
 
 
-def encode_prompt(tokenizer, prompt: str, chat_template: bool) -> list[int]:
-    if chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        # The rendered template carries its own special tokens (vLLM's chat path agrees).
-        return tokenizer(text, add_special_tokens=False).input_ids
-    return tokenizer(prompt).input_ids
+ROW_LAYOUTS = ('rows must be {"prompt", "chosen", "rejected"} strings; or "chosen" / "rejected" '
+               'chat message lists ending in an assistant turn after the same prompt turns '
+               '(UltraFeedback style); or "chosen" / "rejected" HH-RLHF conversations '
+               '("\\n\\nHuman: ... \\n\\nAssistant: ...") sharing all but the last answer')
 
 
-def encode_response(tokenizer, response: str) -> list[int]:
-    return tokenizer(response, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+def hh_split(text: str) -> tuple[str, str] | None:
+    """(prompt up to and including the last "\\n\\nAssistant:", the answer) of an HH-RLHF
+    conversation; None if `text` is not one."""
+    end = text.rfind(HH_ASSISTANT)
+    if end < 0 or HH_HUMAN not in text[:end + 1]:
+        return None
+    end += len(HH_ASSISTANT)
+    return text[:end], text[end:]
+
+
+def hh_messages(prompt: str) -> list[dict]:
+    """The turns of an HH-RLHF prompt (without its final, empty "Assistant:") as chat messages."""
+    parts = re.split(r"\n\n(Human|Assistant):", prompt)
+    messages = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        messages.append({"role": "user" if speaker == "Human" else "assistant",
+                         "content": content.strip()})
+    return messages[:-1]  # the last is the generation prompt: "\n\nAssistant:" with no text
+
+
+def is_chat(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value)
+
+
+def parse_row(row: object, chat_template: bool) -> tuple[dict, str, str]:
+    """(prompt_ids kwargs {prompt=...} or {messages=...}, chosen, rejected) of one data row, in
+    any of the layouts the module docstring lists; ValueError says what is wrong."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object, got {type(row).__name__}; {ROW_LAYOUTS}")
+    chosen, rejected, prompt = row.get("chosen"), row.get("rejected"), row.get("prompt")
+    missing = [name for name in ("chosen", "rejected") if row.get(name) is None]
+    if missing:
+        raise ValueError(f"missing field(s) {', '.join(missing)}")
+    if isinstance(chosen, list) or isinstance(rejected, list):  # chat conversations
+        for name, value in [("chosen", chosen), ("rejected", rejected)]:
+            if not is_chat(value) or not value or value[-1]["role"] != "assistant":
+                raise ValueError(f"{name!r} is not a list of chat messages ({{role, content}} "
+                                 f"strings) ending in an assistant turn; {ROW_LAYOUTS}")
+        if chosen[:-1] != rejected[:-1]:
+            raise ValueError("'chosen' and 'rejected' conversations differ before their last "
+                             "assistant turn (they must share the prompt turns)")
+        context = chosen[:-1]
+        if is_chat(prompt) and prompt:
+            context = list(prompt) + context  # TRL's layout: prompt turns apart
+        elif not context:
+            if not isinstance(prompt, str):
+                raise ValueError("the conversations hold only the answer and there is no "
+                                 "'prompt' string or message list")
+            context = [{"role": "user", "content": prompt}]
+        messages = [{"role": m["role"], "content": m["content"]} for m in context]
+        return {"messages": messages}, chosen[-1]["content"], rejected[-1]["content"]
+    for name, value in [("chosen", chosen), ("rejected", rejected)]:
+        if not isinstance(value, str):
+            raise ValueError(f"{name!r} must be a string, got {type(value).__name__}")
+    if prompt is None:  # HH-RLHF: the prompt is inside both conversations
+        split_c, split_r = hh_split(chosen), hh_split(rejected)
+        if split_c is None or split_r is None:
+            raise ValueError(f"missing field(s) prompt; {ROW_LAYOUTS}")
+        if split_c[0] != split_r[0]:
+            raise ValueError("'chosen' and 'rejected' HH-RLHF conversations differ before the "
+                             "last \"\\n\\nAssistant:\" (they must share the prompt)")
+        prompt, chosen, rejected = split_c[0], split_c[1], split_r[1]
+        if chat_template:
+            return {"messages": hh_messages(prompt)}, chosen.lstrip(), rejected.lstrip()
+        return {"prompt": prompt}, chosen, rejected
+    if is_chat(prompt) and prompt:
+        return {"messages": list(prompt)}, chosen, rejected
+    if not isinstance(prompt, str):
+        raise ValueError(f"'prompt' must be a string or chat messages, got {type(prompt).__name__}")
+    from genarm_vllm.tokenization import user_message
+
+    return ({"messages": user_message(prompt)} if chat_template else {"prompt": prompt}), chosen, rejected
 
 
 def encode_pair(row: object, tokenizer, max_length: int, chat_template: bool) -> Pair:
     """A checked, tokenized Pair from one data row; ValueError says what is wrong with it."""
-    if not isinstance(row, dict):
-        raise ValueError(f"expected an object with fields {', '.join(FIELDS)}, got {type(row).__name__}")
-    missing = [name for name in FIELDS if row.get(name) is None]
-    if missing:
-        raise ValueError(f"missing field(s) {', '.join(missing)}")
-    for name in FIELDS:
-        if not isinstance(row[name], str):
-            raise ValueError(f"{name!r} must be a string, got {type(row[name]).__name__}")
-    for name in ("chosen", "rejected"):
-        if not row[name].strip():
+    from genarm_vllm.tokenization import prompt_ids, response_ids
+
+    prompt, chosen, rejected = parse_row(row, chat_template)
+    for name, text in [("chosen", chosen), ("rejected", rejected)]:
+        if not text.strip():
             raise ValueError(f"{name!r} response is empty")
-    prompt_ids = encode_prompt(tokenizer, row["prompt"], chat_template)
-    if not prompt_ids:
+    ids = prompt_ids(tokenizer, **prompt)
+    if not ids:
         raise ValueError("the prompt gives no tokens (and the tokenizer adds no BOS token), so "
                          "the first response token has no context")
-    if len(prompt_ids) >= max_length:
-        raise ValueError(f"the prompt is {len(prompt_ids)} tokens: max_length {max_length} "
+    if len(ids) >= max_length:
+        raise ValueError(f"the prompt is {len(ids)} tokens: max_length {max_length} "
                          "leaves no room for a response")
-    room = max_length - len(prompt_ids)
-    chosen = encode_response(tokenizer, row["chosen"])
-    rejected = encode_response(tokenizer, row["rejected"])
-    return Pair(prompt_ids, chosen[:room], rejected[:room],
-                truncated=max(len(chosen), len(rejected)) > room)
+    room = max_length - len(ids)
+    chosen_ids, rejected_ids = response_ids(tokenizer, chosen), response_ids(tokenizer, rejected)
+    return Pair(ids, chosen_ids[:room], rejected_ids[:room],
+                truncated=max(len(chosen_ids), len(rejected_ids)) > room)
 
 
 def load_pairs(data: str | Path, tokenizer, max_length: int, chat_template: bool) -> list[Pair]:
@@ -267,9 +433,8 @@ def load_pairs(data: str | Path, tokenizer, max_length: int, chat_template: bool
         shown = "\n  ".join(errors[:MAX_REPORTED_ROWS])
         more = len(errors) - MAX_REPORTED_ROWS
         raise ValueError(
-            f"{len(errors)} bad row(s) in {data} (rows need string fields prompt, chosen, "
-            f"rejected with non-empty responses):\n  {shown}"
-            + (f"\n  ... and {more} more" if more > 0 else "")
+            f"{len(errors)} bad row(s) in {data} (rows need a prompt and non-empty chosen and "
+            f"rejected responses):\n  {shown}" + (f"\n  ... and {more} more" if more > 0 else "")
         )
     if not pairs:
         raise ValueError(f"{data} holds no preference pairs")
@@ -292,12 +457,52 @@ def split_pairs(pairs: list[Pair], eval_fraction: float, seed: int) -> tuple[lis
 # ----------------------------------------------------------------------------- model
 
 
+def resolve_hardware(opts: TrainOptions) -> None:
+    """Check device / precision / QLoRA against this machine; resolve load_in_4bit "auto"."""
+    import importlib.util
+
+    import torch
+
+    cuda = torch.cuda.is_available() and opts.device != "cpu"
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda: no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    if opts.precision == "fp16" and not cuda:
+        raise ValueError("precision fp16 needs a CUDA GPU; on CPU use bf16 (fast on CPUs with "
+                         "AMX) or fp32")
+    have_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if opts.load_in_4bit == "auto":
+        opts.load_in_4bit = bool(cuda and have_bnb and opts.mode == "lora")
+    elif opts.load_in_4bit and not (cuda and have_bnb):
+        lacking = " and ".join(x for x, ok in [("a CUDA GPU", cuda), ("bitsandbytes", have_bnb)] if not ok)
+        raise ValueError(f"load_in_4bit (QLoRA) needs a CUDA GPU and bitsandbytes (pip install "
+                         f"bitsandbytes); {lacking} missing here. Train plain LoRA with "
+                         "--no-load-in-4bit")
+
+
 def load_model(init: str, options: TrainOptions):
-    """The model to train, float32, with only the parameters of `options.mode` trainable."""
+    """The model to train, float32 (4-bit with load_in_4bit), with only the parameters of
+    `options.mode` trainable."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(init, dtype=torch.float32)
+    kwargs = {"dtype": torch.float32}
+    if options.load_in_4bit:
+        import os
+
+        from transformers import BitsAndBytesConfig
+
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(options.precision, torch.float32)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = AutoModelForCausalLM.from_pretrained(init, **kwargs)
+    if options.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=options.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     if options.mode == "top-layers":
         train_only_top_layers(model, options.top_layers)
     elif options.mode == "lora":
@@ -328,21 +533,8 @@ def train_only_top_layers(model, k: int) -> None:
         module.requires_grad_(True)
 
 
-def save_arm(model, tokenizer, out: Path, options: TrainOptions) -> Path | None:
-    """Save a plain model folder (LoRA merged) with the tokenizer; returns the adapter dir if saved."""
-    adapter_dir = None
-    if options.mode == "lora":
-        if options.save_adapter:
-            adapter_dir = out / ADAPTER_DIR if options.save_adapter is True else Path(options.save_adapter)
-            model.save_pretrained(str(adapter_dir))  # before merging: the adapter weights alone
-        model = model.merge_and_unload()
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return adapter_dir
-
-
 def merge_adapter(init_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Rebuild a merged ARM folder from its init model and a saved LoRA adapter."""
+    """Rebuild a merged ARM folder (float32) from its init model and a saved LoRA adapter."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -354,116 +546,163 @@ def merge_adapter(init_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     return Path(out_dir)
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- the trainer
+
+_TRAINER_CLASS = None
 
 
-def evaluate(model, pairs: list[Pair], batch_size: int, pad_id: int, vocab_size: int,
-             options: TrainOptions) -> dict | None:
-    """Held-out pairwise accuracy (share with r(chosen) > r(rejected)), mean margin, loss."""
+def arm_trainer_class():
+    """ARMTrainer: transformers.Trainer with the GenARM loss (built on first use, so that this
+    module imports without torch)."""
+    global _TRAINER_CLASS
+    if _TRAINER_CLASS is not None:
+        return _TRAINER_CLASS
     import torch
+    from transformers import Trainer
 
-    if not pairs:
-        return None
-    model.eval()
-    margins, losses = [], []
-    with torch.no_grad():
-        for start in range(0, len(pairs), batch_size):
-            chosen, rejected = pair_logps(model, pairs[start:start + batch_size], pad_id, vocab_size)
-            margins.append(chosen - rejected)
-            losses.append(arm_preference_loss(chosen, rejected, options.beta_r, options.gamma))
-    margins = torch.cat(margins)
-    return {
-        "accuracy": (margins > 0).sum().item() / len(margins),
-        "mean_margin": margins.mean().item(),
-        "loss": torch.cat(losses).mean().item(),
-    }
+    class ARMTrainer(Trainer):
+        """Trainer whose loss is GenARM's; batches come from `collate` (chosen rows, then
+        rejected rows); evaluation predicts the margins r(chosen) - r(rejected)."""
+
+        def __init__(self, *args, beta_r: float, gamma: float, vocab_size: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.beta_r, self.gamma, self.vocab_size = beta_r, gamma, vocab_size
+            # compute_loss returns the mean over the batch's pairs: Trainer divides it by the
+            # accumulation steps (no token-count normalisation: the loss is per pair).
+            self.model_accepts_loss_kwargs = False
+            self.loss_is_scaled_for_ga = False
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            chosen, rejected = batch_logps(model, inputs, self.vocab_size)
+            loss = arm_preference_loss(chosen, rejected, self.beta_r, self.gamma).mean()
+            if return_outputs:
+                return loss, {"chosen_logps": chosen, "rejected_logps": rejected}
+            return loss
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            inputs = self._prepare_inputs(inputs)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                chosen, rejected = batch_logps(model, inputs, self.vocab_size)
+            margins = (chosen - rejected).float()
+            loss = arm_preference_loss(margins, 0.0, self.beta_r, self.gamma).mean()
+            if prediction_loss_only:
+                return loss, None, None
+            return loss, margins, torch.zeros_like(margins)
+
+    _TRAINER_CLASS = ARMTrainer
+    return ARMTrainer
 
 
-def train_step(model, optimizer, scheduler, step_pairs: list[Pair], options: TrainOptions,
-               pad_id: int, vocab_size: int) -> float:
-    """One optimizer step over `step_pairs` (grad_accum forward passes); returns the mean loss."""
+def margin_metrics(beta_r: float, gamma: float):
+    """compute_metrics for ARMTrainer: held-out accuracy (share of pairs with r(chosen) >
+    r(rejected)), mean margin, and the GenARM loss over the held-out pairs."""
+    import numpy as np
+
+    def compute(eval_prediction) -> dict:
+        margins = np.asarray(eval_prediction.predictions, dtype=np.float64).reshape(-1)
+        return {"accuracy": float((margins > 0).mean()), "mean_margin": float(margins.mean()),
+                "pair_loss": float(np.logaddexp(0.0, -(beta_r * margins - gamma)).mean())}
+
+    return compute
+
+
+def training_arguments(opts: TrainOptions, checkpoint_dir: Path, has_eval: bool, resuming: bool,
+                       progress: bool):
+    """TrainingArguments for `opts` (opts.trainer_args last: any field, passed through)."""
+    import dataclasses as dc
+
     import torch
+    from transformers import TrainingArguments
 
-    total = 0.0
-    for start in range(0, len(step_pairs), options.batch_size):
-        chosen, rejected = pair_logps(
-            model, step_pairs[start:start + options.batch_size], pad_id, vocab_size
-        )
-        losses = arm_preference_loss(chosen, rejected, options.beta_r, options.gamma)
-        # Each forward pass adds its share, so the step's gradient is that of the mean loss.
-        (losses.sum() / len(step_pairs)).backward()
-        total += losses.sum().item()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / len(step_pairs)
+    fields = {f.name for f in dc.fields(TrainingArguments)}
+    unknown = sorted(set(opts.trainer_args) - fields)
+    if unknown:
+        raise ValueError(f"trainer_args: {', '.join(unknown)} not TrainingArguments field(s)")
+    eval_strategy = ("steps" if opts.eval_steps else "epoch") if has_eval else "no"
+    kwargs = dict(
+        output_dir=str(checkpoint_dir), seed=opts.seed, data_seed=opts.seed,
+        per_device_train_batch_size=opts.batch_size, per_device_eval_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum, num_train_epochs=opts.epochs,
+        learning_rate=opts.lr, lr_scheduler_type=opts.lr_scheduler, weight_decay=opts.weight_decay,
+        max_grad_norm=opts.max_grad_norm, optim="adamw_torch",
+        bf16=opts.precision == "bf16", fp16=opts.precision == "fp16", use_cpu=opts.device == "cpu",
+        gradient_checkpointing=opts.gradient_checkpointing and not opts.load_in_4bit,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        eval_strategy=eval_strategy, eval_steps=opts.eval_steps or None,
+        eval_on_start=has_eval and not resuming,
+        save_strategy="steps" if opts.save_steps else "no", save_steps=opts.save_steps or 500,
+        save_total_limit=opts.save_total_limit,
+        logging_strategy="steps", logging_steps=opts.logging_steps, logging_first_step=True,
+        report_to=[] if opts.report_to == "none" else [opts.report_to],
+        disable_tqdm=not progress, remove_unused_columns=False, label_names=["labels"],
+        dataloader_pin_memory=torch.cuda.is_available() and opts.device != "cpu",
+        deepspeed=opts.deepspeed,
+    )
+    if opts.warmup_steps:
+        kwargs["warmup_steps"] = opts.warmup_steps
+    elif "warmup_ratio" in fields:  # transformers 4.x
+        kwargs["warmup_ratio"] = opts.warmup_ratio
+    else:  # transformers 5: a float warmup_steps < 1 is a ratio
+        kwargs["warmup_steps"] = opts.warmup_ratio
+    kwargs = {k: v for k, v in kwargs.items() if k in fields}
+    return TrainingArguments(**{**kwargs, **opts.trainer_args})
 
 
-def fit(model, train_pairs: list[Pair], eval_pairs: list[Pair], options: TrainOptions,
-        pad_id: int, vocab_size: int, progress: bool) -> dict:
-    """The training loop: AdamW, warmup + cosine schedule, held-out metrics per epoch."""
-    import torch
-    from tqdm import tqdm
-    from transformers import get_scheduler
+def save_arm(trainer, tokenizer, init: str, out: Path, opts: TrainOptions) -> Path | None:
+    """Save the plain ARM folder (LoRA merged) with the tokenizer on the main process; the
+    adapter alone too if asked. Returns the adapter folder if kept."""
+    # Every process takes part (DeepSpeed ZeRO-3 gathers the shards); the main one writes.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    adapter_dir = None
+    if trainer.is_world_process_zero():
+        out.mkdir(parents=True, exist_ok=True)
+        if opts.mode == "lora":
+            adapter_dir = (out / ADAPTER_DIR if opts.save_adapter is True
+                           else Path(opts.save_adapter) if opts.save_adapter else out / ".adapter-tmp")
+            model.save_pretrained(str(adapter_dir), state_dict=state_dict)
+            # Merged in float32 from the saved adapter (also right after 4-bit QLoRA training):
+            # exactly what merge_adapter rebuilds.
+            merge_adapter(init, adapter_dir, out)
+            if not opts.save_adapter:
+                shutil.rmtree(adapter_dir)
+                adapter_dir = None
+        else:
+            model.save_pretrained(str(out), state_dict=state_dict)
+            tokenizer.save_pretrained(str(out))
+    trainer.accelerator.wait_for_everyone()
+    return adapter_dir
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=options.lr, weight_decay=0.0)
-    pairs_per_step = options.batch_size * options.grad_accum
-    total_steps = math.ceil(len(train_pairs) / pairs_per_step) * options.epochs
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=round(options.warmup_ratio * total_steps),
-                              num_training_steps=total_steps)
 
-    history, epoch_losses, step_losses = [], [], []
-    bar = tqdm(total=total_steps, desc="train-arm", unit="step", disable=not progress)
+def history(log_history: list[dict]) -> dict:
+    """The held-out metrics and training losses from Trainer's log history."""
 
-    def held_out(epoch: int) -> None:
-        result = evaluate(model, eval_pairs, options.batch_size, pad_id, vocab_size, options)
-        if result is not None:
-            history.append({"epoch": epoch, **result})
-            if progress:
-                bar.write(f"epoch {epoch}: held-out accuracy {result['accuracy']:.3f}, mean "
-                          f"margin {result['mean_margin']:.3f}, loss {result['loss']:.4f}")
+    def epoch(value):
+        value = round(float(value or 0.0), 4)
+        return int(value) if value.is_integer() else value
 
-    rng = random.Random(options.seed)
-    held_out(0)  # before training: where the init model stands
-    for epoch in range(1, options.epochs + 1):
-        order = list(train_pairs)
-        rng.shuffle(order)
-        model.train()
-        losses = []
-        for start in range(0, len(order), pairs_per_step):
-            losses.append(train_step(model, optimizer, scheduler, order[start:start + pairs_per_step],
-                                     options, pad_id, vocab_size))
-            bar.set_postfix(epoch=epoch, loss=f"{sum(losses) / len(losses):.4f}")
-            bar.update()
-        step_losses += losses
-        epoch_losses.append(sum(losses) / len(losses))
-        held_out(epoch)
-    bar.close()
-    return {"eval": history, "train_loss": epoch_losses, "step_loss": step_losses}
+    evals = [{"epoch": epoch(e.get("epoch")), "step": e["step"], "accuracy": e["eval_accuracy"],
+              "mean_margin": e["eval_mean_margin"], "loss": e["eval_pair_loss"]}
+             for e in log_history if "eval_accuracy" in e]
+    losses = [{"epoch": epoch(e.get("epoch")), "step": e["step"], "loss": e["loss"],
+               "learning_rate": e.get("learning_rate")}
+              for e in log_history if "loss" in e and "eval_accuracy" not in e]
+    return {"eval": evals, "train_log": losses}
 
 
 def train_arm(init: str | Path, data: str | Path, out: str | Path, *, progress: bool = True,
-              **options) -> dict:
+              recipe: str | None = None, callbacks: list | None = None, **options) -> dict:
     """Train an ARM from `init` on preference pairs in `data`; save it to `out`.
 
-    data: a JSONL file of {"prompt", "chosen", "rejected"} rows, or a local `datasets` folder
-    with those columns. options: the TrainOptions fields (beta_r, gamma, epochs, lr, mode, ...).
+    data: a JSONL file or a local `datasets` folder, rows in any layout of the module
+    docstring. recipe: a RECIPES preset; options (the TrainOptions fields: beta_r, gamma,
+    epochs, lr, mode, ...) override it. callbacks: extra transformers TrainerCallbacks.
     Returns the metrics also written to out/genarm_train_metrics.json: held-out accuracy,
-    mean margin and loss before training (epoch 0) and after each epoch, training losses.
+    mean margin and loss before training (step 0) and at each evaluation, training losses.
     """
-    opts = TrainOptions(**options)
-    if isinstance(opts.lora_targets, str):  # "q_proj,v_proj", as on the command line
-        opts.lora_targets = opts.lora_targets.split(",")
-    opts.lora_targets = tuple(t.strip() for t in opts.lora_targets if t.strip())
-    opts.check()
-    if opts.lr is None:
-        opts.lr = DEFAULT_LR[opts.mode]
+    opts = resolve_options(recipe, **options)
     init, out = str(init), Path(out)
 
-    import torch
     from transformers import AutoConfig, AutoTokenizer
 
     from genarm_vllm.validation import check_same_tokenizer
@@ -485,109 +724,82 @@ def train_arm(init: str | Path, data: str | Path, out: str | Path, *, progress: 
         raise ValueError(f"the tokenizer of {init} has no EOS token to end responses with")
     if opts.chat_template and not tokenizer.chat_template:
         raise ValueError(f"chat_template: the tokenizer of {init} has no chat template")
+    resolve_hardware(opts)
     pairs = load_pairs(data, tokenizer, opts.max_length, opts.chat_template)
     train_pairs, eval_pairs = split_pairs(pairs, opts.eval_fraction, opts.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    torch.manual_seed(opts.seed)  # LoRA init, dropout
+    checkpoint_dir = Path(opts.checkpoint_dir) if opts.checkpoint_dir else out / CHECKPOINT_DIR
+    resume_from = None
+    if opts.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume_from = (str(opts.resume) if opts.resume is not True
+                       else checkpoint_dir.is_dir() and get_last_checkpoint(str(checkpoint_dir)))
+        if not resume_from or not Path(resume_from).is_dir():
+            raise ValueError(f"resume: no checkpoint-* folder in {checkpoint_dir}"
+                             if opts.resume is True else f"resume: {opts.resume} is not a checkpoint folder")
+
+    import functools
+
+    import torch
+
+    # Before the model: under DeepSpeed ZeRO-3 TrainingArguments must exist when it loads.
+    args = training_arguments(opts, checkpoint_dir, bool(eval_pairs), bool(resume_from), progress)
+    torch.manual_seed(opts.seed)  # LoRA init
     model = load_model(init, opts)
+    trainer = arm_trainer_class()(
+        model=model, args=args, train_dataset=train_pairs, eval_dataset=eval_pairs or None,
+        data_collator=functools.partial(collate, pad_id=pad_id),
+        compute_metrics=margin_metrics(opts.beta_r, opts.gamma), callbacks=callbacks,
+        beta_r=opts.beta_r, gamma=opts.gamma, vocab_size=len(tokenizer),
+    )
     started = time.perf_counter()
-    history = fit(model, train_pairs, eval_pairs, opts, pad_id, len(tokenizer), progress)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    adapter_dir = save_arm(trainer, tokenizer, init, out, opts)
+    args_record = {"init": init, "data": str(data), "out": str(out), "recipe": recipe,
+                   **dataclasses.asdict(opts), "lora_targets": list(opts.lora_targets)}
     metrics = {
-        "args": {"init": init, "data": str(data), "out": str(out), **dataclasses.asdict(opts),
-                 "lora_targets": list(opts.lora_targets)},  # as the JSON file has it
+        "args": args_record,
         "num_train_pairs": len(train_pairs),
         "num_eval_pairs": len(eval_pairs),
         "truncated_pairs": sum(p.truncated for p in pairs),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "train_seconds": round(time.perf_counter() - started, 2),
-        **history,
+        "trainable_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()
+                                    if p.requires_grad),
+        "optimizer_steps": trainer.state.global_step,
+        "train_seconds": round(seconds, 2),
+        "train_pairs_per_second": round(result.metrics.get("train_samples_per_second", 0.0), 3),
+        "train_loss": result.training_loss,
+        **history(trainer.state.log_history),
+        "adapter_dir": str(adapter_dir) if adapter_dir else None,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    adapter_dir = save_arm(model, tokenizer, out, opts)
-    metrics["adapter_dir"] = str(adapter_dir) if adapter_dir else None
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    if trainer.is_world_process_zero():
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        if not opts.keep_checkpoints and checkpoint_dir.is_dir():
+            shutil.rmtree(checkpoint_dir)
     return metrics
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- CLI helpers
 
 
-def comma_list(text: str) -> tuple[str, ...]:
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not names:
-        raise argparse.ArgumentTypeError("expected comma-separated module names")
-    return names
+def parse_trainer_arg(text: str) -> tuple[str, object]:
+    """"KEY=VALUE" (VALUE as JSON when it parses: numbers, true/false, lists) -> (KEY, VALUE)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--trainer-arg expects KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 
-def cmd_train_arm(args: argparse.Namespace) -> int:
-    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)}
-    metrics = train_arm(args.init, args.data, args.out, **options)
-    summary = ""
-    if metrics["eval"]:
-        first, last = metrics["eval"][0], metrics["eval"][-1]
-        summary = (f"; held-out accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f}, "
-                   f"mean margin {first['mean_margin']:.3f} -> {last['mean_margin']:.3f}")
-    print(f"wrote ARM {args.out}{summary} (metrics: {Path(args.out) / METRICS_FILE})")
-    if metrics["truncated_pairs"]:
-        print(f"note: {metrics['truncated_pairs']} pair(s) had a response cut at --max-length "
-              f"{args.max_length}")
-    if metrics["adapter_dir"]:
-        print(f"wrote LoRA adapter {metrics['adapter_dir']}")
-    return 0
-
-
-def add_cli(subparsers) -> None:
-    """Register the train-arm sub-command."""
-    d = TrainOptions()
-    p = subparsers.add_parser(
-        "train-arm", help="train an autoregressive reward model (ARM) from preference pairs",
-        description="Train a GenARM autoregressive reward model: loss -log sigmoid(beta_r * "
-        "(sum_t log pi(chosen_t) - sum_t log pi(rejected_t)) - gamma) over response tokens "
-        "(summed, prompt masked, no reference model). Data rows: {\"prompt\", \"chosen\", "
-        "\"rejected\"}. Each sequence is the prompt's ids (with the tokenizer's special tokens, "
-        "or the chat template), the response's ids, then EOS. The ARM folder (LoRA merged) "
-        f"carries the tokenizer and {METRICS_FILE}.",
-    )
-    p.add_argument("--init", required=True,
-                   help="causal LM folder the ARM starts from (the base itself, or a smaller "
-                   "competent LM with the same tokenizer)")
-    p.add_argument("--data", required=True,
-                   help="JSONL file of {prompt, chosen, rejected} rows, or a local Hugging Face "
-                   "datasets folder (save_to_disk) with those columns")
-    p.add_argument("--out", required=True, help="ARM folder to write")
-    p.add_argument("--base", default=None,
-                   help="base model folder the ARM will guide: checks the tokenizers are equal")
-    p.add_argument("--beta-r", type=float, default=d.beta_r, help="loss scale beta_r (%(default)s)")
-    p.add_argument("--gamma", type=float, default=d.gamma, help="loss margin gamma (%(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="(%(default)s)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate (default: " +
-                   ", ".join(f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
-    p.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="pairs per forward pass (%(default)s)")
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
-                   help="forward passes per optimizer step (%(default)s)")
-    p.add_argument("--max-length", type=int, default=d.max_length,
-                   help="tokens per prompt + response; longer responses are cut (%(default)s)")
-    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
-                   help="share of pairs held out for accuracy / margin (%(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="(%(default)s)")
-    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
-                   help="share of steps warming up before the cosine decay (%(default)s)")
-    p.add_argument("--mode", choices=MODES, default=d.mode,
-                   help="what to train: all weights, LoRA adapters (saved merged), or the top "
-                   "--top-layers decoder layers + final norm (%(default)s)")
-    p.add_argument("--top-layers", type=int, default=d.top_layers, metavar="K",
-                   help="decoder layers trained in top-layers mode (%(default)s)")
-    p.add_argument("--lora-r", type=int, default=d.lora_r, help="(%(default)s)")
-    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="(%(default)s)")
-    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="(%(default)s)")
-    p.add_argument("--lora-targets", type=comma_list, default=d.lora_targets,
-                   help="modules LoRA adapts, comma separated (q_proj,k_proj,v_proj)")
-    p.add_argument("--save-adapter", nargs="?", const=True, default=False, metavar="DIR",
-                   help=f"lora mode: also save the adapter alone (default DIR: ARM_DIR/{ADAPTER_DIR}); "
-                   "rebuild the ARM with genarm_vllm.train.merge_adapter")
-    p.add_argument("--chat-template", action="store_true",
-                   help="render each prompt with the tokenizer's chat template (one user message)")
-    p.set_defaults(func=cmd_train_arm)
+def options_from_args(args) -> dict:
+    """train_arm keyword arguments from a parsed train-arm namespace: only the flags given
+    (the parser's defaults are unset), so a recipe's values stay unless a flag overrides them."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainOptions)
+             if getattr(args, f.name, None) is not None}
+    if "trainer_args" in given:
+        given["trainer_args"] = dict(parse_trainer_arg(t) for t in given["trainer_args"])
+    return given
