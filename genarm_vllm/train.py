@@ -593,6 +593,21 @@ def arm_trainer_class():
     return ARMTrainer
 
 
+def no_final_checkpoint_callback(save_steps: int):
+    """A TrainerCallback that skips Trainer's checkpoint at the last step (the ARM folder is
+    saved right after, and the checkpoints are then deleted) unless save_steps falls on it."""
+    from transformers import TrainerCallback
+
+    class NoFinalCheckpoint(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            last = state.max_steps and state.global_step >= state.max_steps
+            if last and not (save_steps and state.global_step % save_steps == 0):
+                control.should_save = False
+            return control
+
+    return NoFinalCheckpoint()
+
+
 def margin_metrics(beta_r: float, gamma: float):
     """compute_metrics for ARMTrainer: held-out accuracy (share of pairs with r(chosen) >
     r(rejected)), mean margin, and the GenARM loss over the held-out pairs."""
@@ -754,6 +769,12 @@ def train_arm(init: str | Path, data: str | Path, out: str | Path, *, progress: 
         compute_metrics=margin_metrics(opts.beta_r, opts.gamma), callbacks=callbacks,
         beta_r=opts.beta_r, gamma=opts.gamma, vocab_size=len(tokenizer),
     )
+    if not progress:  # no log lines either (Trainer prints them when tqdm is off)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    if not opts.keep_checkpoints:
+        trainer.add_callback(no_final_checkpoint_callback(opts.save_steps))
     started = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started

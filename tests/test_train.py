@@ -410,7 +410,7 @@ class StopAfterCheckpoint(TrainerCallback):
 
 
 def test_resume_after_an_interruption_gives_the_uninterrupted_weights(arm_init, tmp_path):
-    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(71, seed=2)  # 64 training pairs)
+    data = write_jsonl(tmp_path / "prefs.jsonl", preference_rows(71, seed=2))  # 64 training pairs
     # LoRA with dropout: the resumed run must restore the optimizer, the schedule, the data
     # order and the RNG; 2 epochs of 8 steps, interrupted mid-way through the second.
     options = dict(mode="lora", epochs=2, lr=3e-3, batch_size=4, grad_accum=2, eval_fraction=0.1,
