@@ -38,7 +38,7 @@ from genarm_vllm.guidance import (
     request_guidance,
 )
 from genarm_vllm.mixing import combine_scores
-from genarm_vllm.model import StepLogits, latest_step_logits
+from genarm_vllm.step_logits import StepLogits, latest_step_logits
 
 logger = logging.getLogger(__name__)
 

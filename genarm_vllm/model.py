@@ -16,7 +16,6 @@ from __future__ import annotations
 import string
 import weakref
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,54 +28,14 @@ from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model
 
 from genarm_vllm.guidance import ARCHITECTURE, GuidanceConfig
-from genarm_vllm.mixing import combine_scores, tokenizer_columns
+from genarm_vllm.mixing import tokenizer_columns
+from genarm_vllm.step_logits import STEP_LOGITS, StepLogits, publish_step_logits
 from genarm_vllm.validation import (
     check_reward_models,
     choose_attention_backend,
     head_size,
     tokenizer_length,
 )
-
-
-@dataclass
-class StepLogits:
-    """Logits (tokenizer_columns) of the latest compute_logits call, one row per logits row."""
-
-    base: torch.Tensor  # [N, min(V, Vb)]
-    reward_models: list[torch.Tensor]  # K x [N, min(V, Vi)]
-    width: int  # the base's logits width Vb, which the sampler expects
-    default_beta: torch.Tensor  # [1]
-    default_weights: torch.Tensor  # [1, K]
-
-    def mix(self, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The GenARM mix of every row with per-row beta [N] and weights [N, K]."""
-        return combine_scores(self.base, self.reward_models, beta, weights, self.width)
-
-    def mix_defaults(self) -> torch.Tensor:
-        num_rows = self.base.shape[0]
-        return self.mix(self.default_beta.expand(num_rows), self.default_weights.expand(num_rows, -1))
-
-
-# Logits processors see logits only, never the model; they run right after
-# compute_logits, in the same worker process. The model hands them each step's logits
-# here, keyed by the engine: model and processor are built with the same VllmConfig object
-# (vLLM's model runner passes its own to both), so two engines in one process never read
-# each other's logits.
-_STEP_LOGITS: dict[int, StepLogits] = {}
-
-
-def publish_step_logits(vllm_config, step: StepLogits) -> None:
-    _STEP_LOGITS[id(vllm_config)] = step
-
-
-def latest_step_logits(vllm_config) -> StepLogits:
-    step = _STEP_LOGITS.get(id(vllm_config))
-    if step is None:
-        raise RuntimeError(
-            "GenARM logits processor ran before GenARMForCausalLM computed any logits: "
-            f"it only works with the {ARCHITECTURE} architecture"
-        )
-    return step
 
 
 def reward_model_prefix(index: int) -> str:
@@ -136,7 +95,7 @@ class GenARMForCausalLM(nn.Module):
             _use_safe_attention_backend(vllm_config, arm_configs)
         self.config = model_config.hf_config
         self.vllm_config = vllm_config  # the key of this engine's step hand-off
-        weakref.finalize(self, _STEP_LOGITS.pop, id(vllm_config), None)
+        weakref.finalize(self, STEP_LOGITS.pop, id(vllm_config), None)
         self.vocab_size = tokenizer_length(model_config.tokenizer)
 
         self.base = init_vllm_registered_model(

@@ -64,3 +64,22 @@ def test_gpu_check_without_a_gpu_checks_nothing_and_says_so():
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no CUDA GPU on this machine: nothing checked (0 passed, 0 failed)" in done.stdout
+
+
+def test_processor_module_imports_no_model_code():
+    """vLLM imports the processor in its API server process (under a CUDA-hidden guard,
+    vllm/utils/torch_utils.py guard_cuda_initialization): it must load no model code."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vllm.v1.sample.logits_processor, vllm.v1.worker.gpu.sample.logits_processor\n"
+        "before = set(sys.modules)\n"
+        "import genarm_vllm.logits_processor\n"
+        "print(sorted(set(sys.modules) - before))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    loaded = eval(done.stdout.strip().splitlines()[-1])
+    assert not [m for m in loaded if not m.startswith("genarm_vllm")], loaded
+    assert "genarm_vllm.model" not in loaded and "genarm_vllm.validation" not in loaded

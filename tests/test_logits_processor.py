@@ -19,7 +19,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.loader import (
     build_custom_logits_processors_params_validator,
 )
 
-import genarm_vllm.model as genarm_model
+import genarm_vllm.step_logits as genarm_model
 from genarm_vllm.logits_processor import GenARMLogitsProcessor
 from genarm_vllm.mixing import mix_logits, tokenizer_columns
 
@@ -115,7 +115,7 @@ def test_v2_interface_through_vllms_loader(small_arm, host_buffers):
     # come back untouched, and no step logits are even looked up.
     assert proc.add_request(5, guided()) is False
     proc.apply_staged_writes()
-    genarm_model._STEP_LOGITS.pop(id(CONFIG))
+    genarm_model.STEP_LOGITS.pop(id(CONFIG))
     untouched = step.logits.clone()
     assert proc.apply(untouched, ctx) is untouched and torch.equal(untouched, step.logits)
 

@@ -1,0 +1,55 @@
+"""The hand-off of each step's logits from GenARMForCausalLM to GenARMLogitsProcessor.
+
+Light (torch only): the processor module imports it, and vLLM imports the processor in
+its API server process too, where no model code should load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from genarm_vllm.guidance import ARCHITECTURE
+from genarm_vllm.mixing import combine_scores
+
+
+@dataclass
+class StepLogits:
+    """Logits (tokenizer_columns) of the latest compute_logits call, one row per logits row."""
+
+    base: torch.Tensor  # [N, min(V, Vb)]
+    reward_models: list[torch.Tensor]  # K x [N, min(V, Vi)]
+    width: int  # the base's logits width Vb, which the sampler expects
+    default_beta: torch.Tensor  # [1]
+    default_weights: torch.Tensor  # [1, K]
+
+    def mix(self, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The GenARM mix of every row with per-row beta [N] and weights [N, K]."""
+        return combine_scores(self.base, self.reward_models, beta, weights, self.width)
+
+    def mix_defaults(self) -> torch.Tensor:
+        num_rows = self.base.shape[0]
+        return self.mix(self.default_beta.expand(num_rows), self.default_weights.expand(num_rows, -1))
+
+
+# Logits processors see logits only, never the model; they run right after
+# compute_logits, in the same worker process. The model hands them each step's logits
+# here, keyed by the engine: model and processor are built with the same VllmConfig object
+# (vLLM's model runner passes its own to both), so two engines in one process never read
+# each other's logits.
+STEP_LOGITS: dict[int, StepLogits] = {}
+
+
+def publish_step_logits(vllm_config, step: StepLogits) -> None:
+    STEP_LOGITS[id(vllm_config)] = step
+
+
+def latest_step_logits(vllm_config) -> StepLogits:
+    step = STEP_LOGITS.get(id(vllm_config))
+    if step is None:
+        raise RuntimeError(
+            "GenARM logits processor ran before GenARMForCausalLM computed any logits: "
+            f"it only works with the {ARCHITECTURE} architecture"
+        )
+    return step
