@@ -2,7 +2,7 @@
 
 An ARM is an ordinary causal LM pi_r whose reward of a response y to a prompt x is the summed
 log-probability r(x, y) = sum_t log pi_r(y_t | x, y_<t) over the response tokens. GenARM
-(Xu et al., ICLR 2025; ../shared/GENARM.md) trains it on pairs (y_w preferred to y_l) with
+(Xu et al., ICLR 2025, arXiv 2410.08193; github.com/Yuancheng-Xu/GenARM) trains it on pairs (y_w preferred to y_l) with
 
     L = -log sigmoid(beta_r * (r(x, y_w) - r(x, y_l)) - gamma)
 
@@ -70,7 +70,7 @@ IGNORE = -100  # label of positions that are not scored (prompt, padding)
 HH_HUMAN, HH_ASSISTANT = "\n\nHuman:", "\n\nAssistant:"
 QKV = ("q_proj", "k_proj", "v_proj")
 
-# The paper's recipes (official code, ../shared/GENARM.md). 32 pairs per optimizer step are
+# The paper's recipes (its official code, github.com/Yuancheng-Xu/GenARM). 32 pairs per optimizer step are
 # batch_size x grad_accum on one process; under `accelerate launch` over N processes a step
 # holds N times as many (divide --grad-accum by N to keep 32).
 _LORA_8_16 = dict(mode="lora", lora_r=8, lora_alpha=16.0, lora_dropout=0.05, lora_targets=QKV)
