@@ -50,6 +50,7 @@ def load_old_trainer(rev: str, tmp: Path):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_train", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules["old_train"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

@@ -375,6 +375,7 @@ def test_lora_from_conversation_rows_merged_folder_equals_adapter(arm_init, trai
     assert (rebuilt / "tokenizer.json").exists()
 
 
+@pytest.mark.slow  # an engine with three ARMs
 def test_guided_generation_with_each_trained_arm_prefers_the_marker(tiny, engine, trained,
                                                                     trained_ds, trained_chat):
     """One engine, the three ARMs (JSONL full, datasets top-layers, conversations LoRA), each
