@@ -739,7 +739,11 @@ def train_arm(init: str | Path, data: str | Path, out: str | Path, *, progress: 
         raise ValueError(f"the tokenizer of {init} has no EOS token to end responses with")
     if opts.chat_template and not tokenizer.chat_template:
         raise ValueError(f"chat_template: the tokenizer of {init} has no chat template")
+    asked_4bit = opts.load_in_4bit
     resolve_hardware(opts)
+    if asked_4bit == "auto" and not opts.load_in_4bit and progress:
+        print("train-arm: load_in_4bit auto -> off (QLoRA needs a CUDA GPU and bitsandbytes): "
+              "plain LoRA", flush=True)
     pairs = load_pairs(data, tokenizer, opts.max_length, opts.chat_template)
     train_pairs, eval_pairs = split_pairs(pairs, opts.eval_fraction, opts.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -798,7 +802,10 @@ def train_arm(init: str | Path, data: str | Path, out: str | Path, *, progress: 
     if trainer.is_world_process_zero():
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
         if not opts.keep_checkpoints and checkpoint_dir.is_dir():
-            shutil.rmtree(checkpoint_dir)
+            for checkpoint in checkpoint_dir.glob("checkpoint-*"):
+                shutil.rmtree(checkpoint)
+            if not any(checkpoint_dir.iterdir()):  # else TensorBoard logs (runs/) stay
+                checkpoint_dir.rmdir()
     return metrics
 
 

@@ -416,7 +416,9 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(arm_init, 
     # order and the RNG; 2 epochs of 8 steps, interrupted mid-way through the second.
     options = dict(mode="lora", epochs=2, lr=3e-3, batch_size=4, grad_accum=2, eval_fraction=0.1,
                    save_steps=5, seed=3, save_adapter=True, progress=False)
-    whole = train_arm(arm_init, data, tmp_path / "whole", **options)
+    whole = train_arm(arm_init, data, tmp_path / "whole", keep_checkpoints=True, **options)
+    kept = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-15", "checkpoint-16"]  # every 5 steps and the last, 2 kept
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         train_arm(arm_init, data, out, callbacks=[StopAfterCheckpoint(10)], **options)
@@ -442,11 +444,12 @@ def test_trainer_flags_bf16_checkpointing_eval_steps_tensorboard(arm_init, prefs
     metrics = train_arm(arm_init, prefs, out, mode="top-layers", top_layers=1, epochs=1, lr=1e-3,
                         batch_size=8, eval_fraction=0.2, precision="bf16", gradient_checkpointing=True,
                         eval_steps=8, logging_steps=4, report_to="tensorboard", device="cpu",
-                        keep_checkpoints=True, save_steps=10, progress=False)
+                        save_steps=10, progress=False)
     assert [e["step"] for e in metrics["eval"]] == [0, 8, 16, 20]
     assert [e["step"] for e in metrics["train_log"]][:3] == [1, 4, 8]
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20"]
-    assert list((out / "checkpoints").rglob("events.out.tfevents.*"))  # tensorboard logs
+    # The checkpoints go once the run is over; the TensorBoard logs stay.
+    assert not list((out / "checkpoints").glob("checkpoint-*"))
+    assert list((out / "checkpoints" / "runs").rglob("events.out.tfevents.*"))
     assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32  # master weights
 
 
