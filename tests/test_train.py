@@ -461,7 +461,7 @@ def parse_train_args(*flags):
 
 
 def test_recipes_resolve_to_the_papers_hyperparameters():
-    documented = {  # ../shared/GENARM.md, the official code
+    documented = {  # the paper (arXiv 2410.08193) and its official code
         "hh": dict(mode="lora", lora_r=8, lora_alpha=16, lora_dropout=0.05,
                    lora_targets=("q_proj", "k_proj", "v_proj"), beta_r=0.05, lr=5e-4, epochs=1,
                    lr_scheduler="cosine", warmup_steps=100, load_in_4bit="auto"),
