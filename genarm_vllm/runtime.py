@@ -47,15 +47,6 @@ def cpu_kv_cache_bytes() -> int:
     return int(psutil.virtual_memory().available * CPU_KV_CACHE_SHARE)
 
 
-def max_positions(model: str) -> int | None:
-    """A model folder's maximum position count (max_position_embeddings), if it states one."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model)
-    config = getattr(config, "get_text_config", lambda: config)()
-    return getattr(config, "max_position_embeddings", None)
-
-
 def engine_defaults(
     base: str | None = None, reward_models: list[str] = (), user_kwargs: dict | None = None
 ) -> dict:
@@ -74,6 +65,8 @@ def engine_defaults(
     kv_cache_memory_bytes: CPU_KV_CACHE_SHARE of the available memory, unless the
         VLLM_CPU_KVCACHE_SPACE environment variable (GiB) sets the size.
     """
+    from genarm_vllm.validation import max_positions  # imports transformers: not at module level
+
     user_kwargs = user_kwargs or {}
     defaults = {"logprobs_mode": "processed_logprobs"}
     if base is not None and reward_models:

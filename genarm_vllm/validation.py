@@ -83,15 +83,20 @@ def check_prompt_ids(prompt_ids, limits: dict[str, int]) -> None:
             )
 
 
+@functools.lru_cache(maxsize=32)
+def max_positions(model: str) -> int | None:
+    """A model folder's maximum position count (max_position_embeddings), if it states one."""
+    config = AutoConfig.from_pretrained(model)
+    return getattr(getattr(config, "get_text_config", lambda: config)(), "max_position_embeddings", None)
+
+
 def check_max_model_len(reward_model: str, max_model_len: int) -> None:
     """An ARM must be able to see every position the base will decode."""
-    max_positions = getattr(
-        AutoConfig.from_pretrained(reward_model), "max_position_embeddings", None
-    )
-    if max_positions is not None and max_model_len > max_positions:
+    positions = max_positions(str(reward_model))
+    if positions is not None and max_model_len > positions:
         raise ValueError(
             f"max_model_len={max_model_len} exceeds reward model {reward_model}'s "
-            f"max_position_embeddings={max_positions}; pass max_model_len <= {max_positions}"
+            f"max_position_embeddings={positions}; pass max_model_len <= {positions}"
         )
 
 

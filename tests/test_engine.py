@@ -206,7 +206,9 @@ def test_engine_defaults_fit_every_model(tiny, tmp_path, monkeypatch):
     short = build_model(tmp_path / "short", build_tokenizer(tmp_path / "tok"),
                         max_position_embeddings=128)
     base = str(tiny["base"])
-    assert runtime.max_positions(base) == 512
+    from genarm_vllm.validation import max_positions
+
+    assert max_positions(base) == 512
     # The shortest context of all models, unless the user chose; none when no ARM is shorter.
     assert runtime.engine_defaults(base, [str(short)])["max_model_len"] == 128
     assert "max_model_len" not in runtime.engine_defaults(base, [str(short)], {"max_model_len": 64})
