@@ -2,27 +2,48 @@
 
 Input rows: {"prompt": str} or {"messages": [...]} (rendered with the base tokenizer's
 chat template), plus optional per-row "beta" and "weights". The input is one JSONL file,
-or shards: a folder of *.jsonl files or a glob, read in sorted file name order. Output
-rows: every input field plus "generated_text", "generated_token_ids" and
-"finish_reason", in input order, in one JSONL file.
+or shards: a folder of *.jsonl files or a glob, read in sorted file name order, streamed
+(memory does not grow with the input). Output rows: every input field plus
+"generated_text", "generated_token_ids" and "finish_reason", in input order, in one JSONL
+file; blank input lines are skipped.
 
-The output is written chunk by chunk and flushed, so a re-run after an interruption
-keeps the complete rows already there and continues after them (a torn last line is
-dropped and redone); no row is written twice.
+Bad rows: a row that cannot be generated becomes an error row, its input fields plus
+"error" (the reason, with the input file and line), and the job goes on
+(on_error="continue", the default); on_error="fail" stops at the first one instead.
+Found before generation: bad JSON (the row is then {"input_line": <the text>, "error"}),
+a row without one prompt, bad guidance, a prompt with no room to generate within
+max_model_len (counted in tokens), a token id some model cannot embed; and whatever vLLM
+refuses when the row is submitted.
+
+Feeding and order: rows go into the engine one by one as others finish (feeding.py), so
+the engine never drains; finished rows pass through a bounded reorder buffer (reorder.py)
+into the output in input order.
+
+Resume: the output is flushed as rows are written, so a re-run after any interruption
+(kill -9 included) keeps the complete rows there, drops a torn last line and continues
+after them; no row is written twice. The settings that decide the output are stored next
+to it (fingerprint.py): a re-run with other settings refuses to append.
 """
 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from genarm_vllm.guidance import row_guidance
 from genarm_vllm.tokenization import prompt_ids
 
-OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason")
+OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason", "error")
+# The one input field of the error row of a line that is not a JSON object.
+RAW_LINE_FIELD = "input_line"
+ON_ERROR = ("continue", "fail")
+# Rows that may wait in the reorder buffer for an earlier, longer one.
+REORDER_BUFFER = 4096
 
 
 def input_files(path: str | os.PathLike) -> list[Path]:
@@ -38,71 +59,235 @@ def input_files(path: str | os.PathLike) -> list[Path]:
     return files
 
 
-def read_rows(path: str | os.PathLike, num_reward_models: int) -> list[dict]:
-    """All input rows (of every shard, in file name order), validated; ValueError naming
-    every bad line (up to 10)."""
-    rows, errors = [], []
-    for file in input_files(path):
-        with open(file, encoding="utf-8") as f:
-            for line_number, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    check_row(row, num_reward_models)
-                except json.JSONDecodeError as e:
-                    errors.append(f"{file} line {line_number}: not valid JSON ({e})")
-                    continue
-                except ValueError as e:
-                    errors.append(f"{file} line {line_number}: {e}")
-                    continue
-                rows.append(row)
+# ----------------------------------------------------------------------------- input lines
+
+
+@dataclass
+class InputLine:
+    index: int  # position among all lines of the input (shards in order, blank ones too), from 0
+    file: str
+    line: int   # line number in its file, from 1
+    text: str
+
+
+def file_lines(binary: Iterable[bytes]) -> Iterator[str]:
+    """The lines of a file opened in binary mode: split at \\n only (as JSONL is), decoded.
+
+    One definition for the single-process reader, the line count and the Ray reader, so
+    that a line index means the same line everywhere.
+    """
+    for raw in binary:
+        yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+def line_counts(files: list[Path]) -> list[int]:
+    counts = []
+    for file in files:
+        with open(file, "rb") as f:
+            counts.append(sum(1 for _ in f))
+    return counts
+
+
+def read_lines(files: list[Path], start: int = 0) -> Iterator[InputLine]:
+    """Every line of `files` from position `start` on, streamed."""
+    index = 0
+    for file in files:
+        with open(file, "rb") as f:
+            for number, text in enumerate(file_lines(f), start=1):
+                if index >= start:
+                    yield InputLine(index, str(file), number, text)
+                index += 1
+
+
+def lines_of_block(data: bytes, file: str, first_index: int) -> Iterator[InputLine]:
+    """The lines of a whole file's bytes (the Ray reader's view of a shard)."""
+    for number, text in enumerate(file_lines(io.BytesIO(data)), start=1):
+        yield InputLine(first_index + number - 1, file, number, text)
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+class RowError(ValueError):
+    """Why one row cannot be generated; `kind` groups the reasons in the summary."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind = kind
+
+
+def check_row(row: object, num_reward_models: int) -> None:
+    if not isinstance(row, dict):
+        raise RowError("bad row", f"a row must be a JSON object, got {type(row).__name__}")
+    if isinstance(row.get("prompt"), str) == isinstance(row.get("messages"), list):
+        raise RowError("bad row",
+                       'a row needs exactly one of "prompt" (a string) or "messages" (a list)')
+    try:
+        row_guidance(row, num_reward_models)
+    except ValueError as e:
+        raise RowError("bad guidance", str(e)) from None
+
+
+@dataclass
+class ParsedLine:
+    fields: dict            # what the output row keeps of the input
+    row: dict | None        # the row, when it is a valid one
+    error: RowError | None
+
+
+def parse_line(item: InputLine, num_reward_models: int) -> ParsedLine | None:
+    """A line as a row (None for a blank line), checked without a tokenizer."""
+    if not item.text.strip():
+        return None
+    try:
+        row = json.loads(item.text)
+    except json.JSONDecodeError as e:
+        return ParsedLine({RAW_LINE_FIELD: item.text}, None,
+                          RowError("bad JSON", f"not valid JSON ({e})"))
+    fields = row if isinstance(row, dict) else {RAW_LINE_FIELD: item.text}
+    try:
+        check_row(row, num_reward_models)
+    except RowError as e:
+        return ParsedLine(fields, None, e)
+    return ParsedLine(fields, row, None)
+
+
+def located(item: InputLine, error: Exception) -> str:
+    return f"{item.file} line {item.line}: {error}"
+
+
+def check_input(path: str | os.PathLike, num_reward_models: int) -> int:
+    """The checks that need no model, over the whole input (streamed): the number of rows;
+    ValueError naming every bad line (up to 10). For on_error="fail", before the engine starts."""
+    rows, errors = 0, []
+    for item in read_lines(input_files(path)):
+        parsed = parse_line(item, num_reward_models)
+        if parsed is None:
+            continue
+        rows += 1
+        if parsed.error is not None:
+            errors.append(located(item, parsed.error))
     if errors:
         more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
         raise ValueError("invalid input rows:\n" + "\n".join(errors[:10]) + more)
     return rows
 
 
-def check_row(row: object, num_reward_models: int) -> None:
-    if not isinstance(row, dict):
-        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
-    if isinstance(row.get("prompt"), str) == isinstance(row.get("messages"), list):
-        raise ValueError('a row needs exactly one of "prompt" (a string) or "messages" (a list)')
-    row_guidance(row, num_reward_models)
+def count_rows(files: list[Path]) -> int:
+    """Non-blank lines: the rows of the input (the progress bar's total)."""
+    count = 0
+    for file in files:
+        with open(file, "rb") as f:
+            count += sum(1 for raw in f if raw.strip())
+    return count
 
 
-def completed_rows(output: Path, rows: list[dict]) -> int:
-    """How many rows `output` already holds; drops a torn last line."""
-    if not output.exists():
-        return 0
-    done, keep_bytes = 0, 0
-    with open(output, "rb") as f:
-        for raw in f:
-            try:
-                written = json.loads(raw)
-            except json.JSONDecodeError:
-                break
-            if not raw.endswith(b"\n"):
-                break
-            if done >= len(rows) or _input_part(written) != rows[done]:
-                raise ValueError(
-                    f"{output} row {done + 1} does not match the input row; it belongs to "
-                    "another job (remove it or choose another --output)"
-                )
-            done, keep_bytes = done + 1, keep_bytes + len(raw)
-    if keep_bytes != output.stat().st_size:
-        with open(output, "r+b") as f:
-            f.truncate(keep_bytes)
-    return done
+class PromptBuilder:
+    """A row's prompt as the engine takes it (token ids) and its guidance, with the checks
+    that need the engine's tokenizer and limits."""
+
+    def __init__(self, llm):
+        self.tokenizer = llm.get_tokenizer()
+        self.max_model_len = llm.llm.llm_engine.model_config.max_model_len
+        self.id_limits = llm.prompt_id_limits
+        self.num_reward_models = len(llm.reward_models)
+
+    def request(self, row: dict) -> tuple[dict, dict | None]:
+        from genarm_vllm.validation import check_prompt_ids
+
+        try:
+            ids = prompt_ids(self.tokenizer, row.get("prompt"), row.get("messages"))
+        except ValueError as e:  # e.g. chat messages and no chat template
+            raise RowError("bad row", str(e)) from None
+        if len(ids) >= self.max_model_len:
+            raise RowError(
+                "prompt too long",
+                f"the prompt is {len(ids)} tokens, which leaves no room to generate within "
+                f"max_model_len={self.max_model_len} (at most {self.max_model_len - 1})")
+        try:
+            check_prompt_ids(ids, self.id_limits)
+        except ValueError as e:
+            raise RowError("id a model cannot embed", str(e)) from None
+        return {"prompt_token_ids": ids}, row_guidance(row, self.num_reward_models)
+
+
+def output_line(row: dict, completion) -> str:
+    """The output JSONL line of a row and its vLLM CompletionOutput."""
+    return json.dumps({
+        **row,
+        "generated_text": completion.text,
+        "generated_token_ids": list(completion.token_ids),
+        "finish_reason": completion.finish_reason,
+    }, ensure_ascii=False) + "\n"
+
+
+def error_line(fields: dict, message: str) -> str:
+    return json.dumps({**fields, "error": message}, ensure_ascii=False) + "\n"
 
 
 def _input_part(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in OUTPUT_FIELDS}
 
 
-def chunks(items: list, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+# ----------------------------------------------------------------------------- resume
+
+
+def resume_position(output: Path, files: list[Path], num_reward_models: int) -> tuple[int, int]:
+    """(input position to continue from, rows the output holds), checking that each output
+    row belongs to its input row; drops a torn last line. Streams both files."""
+    if not output.exists():
+        return 0, 0
+    inputs = (item for item in read_lines(files) if item.text.strip())
+    position, done, keep_bytes = 0, 0, 0
+    with open(output, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                written = json.loads(raw)
+            except json.JSONDecodeError:
+                break
+            item = next(inputs, None)
+            if item is None or _input_part(written) != parse_line(item, num_reward_models).fields:
+                where = "the input has no more rows" if item is None else \
+                    f"{item.file} line {item.line}"
+                raise ValueError(
+                    f"{output} row {done + 1} does not match the input row ({where}); it "
+                    "belongs to another job (pass --overwrite, or choose another --output)")
+            done, keep_bytes, position = done + 1, keep_bytes + len(raw), item.index + 1
+    if keep_bytes != output.stat().st_size:
+        with open(output, "r+b") as f:
+            f.truncate(keep_bytes)
+    return position, done
+
+
+def prepare_output(output: Path, settings: dict, files: list[Path], num_reward_models: int,
+                   overwrite: bool = False) -> tuple[int, int]:
+    """Start afresh (overwrite) or check the stored settings; (position, rows done)."""
+    from genarm_vllm.fingerprint import check_or_store, settings_path
+
+    if overwrite:
+        output.unlink(missing_ok=True)
+        settings_path(output).unlink(missing_ok=True)
+    has_rows = output.exists() and output.stat().st_size > 0
+    check_or_store(output, settings, has_rows)
+    return resume_position(output, files, num_reward_models)
+
+
+def engine_settings(llm, sampling_params) -> dict:
+    """The fingerprint of a job on a running GuidedLLM (the CLI computes it before starting
+    the engine, from the same settings: fingerprint.job_settings)."""
+    from genarm_vllm.fingerprint import job_settings
+
+    config = llm.llm.llm_engine.model_config
+    return job_settings(config.model, llm.reward_models, llm.beta, llm.weights, sampling_params,
+                        {"dtype": config.dtype, "max_model_len": config.max_model_len,
+                         "quantization": config.quantization, "seed": config.seed,
+                         "tokenizer": None if config.tokenizer == config.model else config.tokenizer,
+                         "revision": config.revision})
+
+
+# ----------------------------------------------------------------------------- the job
 
 
 def run_job(
@@ -110,51 +295,77 @@ def run_job(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     sampling_params,
-    rows: list[dict] | None = None,
-    chunk_size: int = 512,
+    *,
+    settings: dict | None = None,
+    on_error: str = "continue",
+    overwrite: bool = False,
+    reorder_buffer: int = REORDER_BUFFER,
+    max_in_flight: int | None = None,
     progress: bool = True,
-) -> int:
-    """Generate for every row not yet in `output_path`; returns how many rows it added."""
-    from tqdm import tqdm
+):
+    """Generate for every input row not yet in `output_path`; returns a JobSummary.
 
-    output = Path(output_path)
-    if rows is None:
-        rows = read_rows(input_path, len(llm.reward_models))
-    done = completed_rows(output, rows)
-    todo = rows[done:]
-    tokenizer = llm.get_tokenizer()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "a", encoding="utf-8") as out, tqdm(
-        total=len(rows), initial=done, unit="row", desc="generate", disable=not progress
-    ) as bar:
-        for chunk in chunks(todo, chunk_size):
-            out.writelines(generate_lines(llm, chunk, sampling_params, tokenizer))
-            out.flush()
-            os.fsync(out.fileno())
-            bar.update(len(chunk))
-    return len(todo)
-
-
-def generate_lines(llm, rows: list[dict], sampling_params, tokenizer) -> list[str]:
-    """One engine call for `rows`: their output JSONL lines, in row order.
-
-    Shared by this job and the Ray job (genarm_vllm.ray_job), so both write the same rows.
+    settings: the job's fingerprint (fingerprint.job_settings); None: read off `llm`.
+    max_in_flight: requests kept in the engine (None: twice its max_num_seqs).
     """
-    prompts = [
-        {"prompt_token_ids": prompt_ids(tokenizer, row.get("prompt"), row.get("messages"))}
-        for row in rows
-    ]
-    guidance = [row_guidance(row, len(llm.reward_models)) for row in rows]
-    results = llm.generate(prompts, sampling_params, guidance=guidance, use_tqdm=False)
-    lines = []
-    for row, result in zip(rows, results):
-        completion = result.outputs[0]
-        output_row = {
-            **row,
-            "generated_text": completion.text,
-            "generated_token_ids": list(completion.token_ids),
-            "finish_reason": completion.finish_reason,
-        }
-        lines.append(json.dumps(output_row, ensure_ascii=False) + "\n")
-    return lines
+    from genarm_vllm.feeding import EngineFeeder, refusal_types
+    from genarm_vllm.job_progress import JobProgress
+    from genarm_vllm.reorder import OrderedWriter
 
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    output, files = Path(output_path), input_files(input_path)
+    num_reward_models = len(llm.reward_models)
+    if settings is None:
+        settings = engine_settings(llm, sampling_params)
+    start, done = prepare_output(output, settings, files, num_reward_models, overwrite)
+    feeder = EngineFeeder(llm, sampling_params, max_in_flight)
+    builder = PromptBuilder(llm)
+    bar = JobProgress(count_rows(files), done, progress)
+    stop: str | None = None  # on_error="fail": the first bad row, raised once earlier rows are out
+    try:
+        with OrderedWriter(output, start, reorder_buffer) as writer:
+
+            def submit(item: InputLine) -> str | None:
+                parsed = parse_line(item, num_reward_models)
+                if parsed is None:
+                    writer.put(item.index, None)
+                    return None
+                error = parsed.error
+                if error is None:
+                    try:
+                        prompt, guidance = builder.request(parsed.row)
+                        try:
+                            feeder.add((item.index, parsed.row), prompt, guidance)
+                        except refusal_types() as e:
+                            raise RowError("refused by the engine", str(e)) from None
+                    except RowError as e:
+                        error = e
+                if error is None:
+                    return None
+                message = located(item, error)
+                if on_error == "fail":
+                    return message
+                writer.put(item.index, error_line(parsed.fields, message))
+                bar.failed(error.kind, message)
+                return None
+
+            lines = read_lines(files, start)
+            waiting = next(lines, None)
+            while (waiting is not None and stop is None) or feeder.in_flight:
+                while (waiting is not None and stop is None and feeder.has_room()
+                       and writer.has_room(waiting.index)):
+                    stop = submit(waiting)
+                    waiting = next(lines, None)
+                # Window full means its first row is still in the engine: never a dead end.
+                for (index, row), result in feeder.step() if feeder.in_flight else ():
+                    completion = result.outputs[0]
+                    writer.put(index, output_line(row, completion))
+                    bar.done(tokens=len(completion.token_ids))
+    finally:
+        feeder.abort()
+        summary = bar.close()
+    if stop is not None:
+        raise ValueError(f"stopped at a bad row (--on-error fail; {summary.rows_written} rows "
+                         f"written before it): {stop}")
+    return summary

@@ -83,11 +83,12 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-RAY_FLAGS = ("replicas", "address", "gpus_per_replica", "cpus_per_replica")
+RAY_FLAGS = ("replicas", "address", "gpus_per_replica", "cpus_per_replica", "chunk_size")
 
 
 def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
-    from genarm_vllm.batch_job import completed_rows, read_rows, run_job
+    from genarm_vllm.batch_job import check_input, count_rows, input_files, prepare_output
+    from genarm_vllm.fingerprint import job_settings
     from genarm_vllm.guidance import check_weights, read_bundle
 
     bundle = read_bundle(args.base)
@@ -101,11 +102,11 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
     if ray_options and not args.ray:
         flags = ", ".join("--" + name.replace("_", "-") for name in ray_options)
         raise ValueError(f"{flags} only apply with --ray")
-    # Bad rows and flags fail before the (slow) engine start.
-    rows = read_rows(args.input, num_reward_models)
-    if completed_rows(Path(args.output), rows) == len(rows):
-        print(f"{args.output} already holds all {len(rows)} rows; nothing to do")
-        return 0
+    # Bad rows (with --on-error fail), flags and changed settings fail before the (slow)
+    # engine start.
+    files = input_files(args.input)
+    if args.on_error == "fail":
+        check_input(args.input, num_reward_models)
     vllm_kwargs = parse_engine_flags(vllm_args)
     from vllm import SamplingParams
 
@@ -113,22 +114,33 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
     )
+    settings = job_settings(args.base, args.reward_model, args.beta, args.weights,
+                            sampling_params, vllm_kwargs)
+    _, done = prepare_output(Path(args.output), settings, files, num_reward_models,
+                             overwrite=args.overwrite)
+    total = count_rows(files)
+    if done == total:
+        print(f"{args.output} already holds all {total} rows; nothing to do")
+        return 0
+    job_options = dict(settings=settings, on_error=args.on_error,
+                       reorder_buffer=args.reorder_buffer)
     if args.ray:
         from genarm_vllm.ray_job import run_ray_job
 
-        added = run_ray_job(
+        summary = run_ray_job(
             args.base, args.reward_model, args.input, args.output, sampling_params,
-            beta=args.beta, weights=args.weights, vllm_kwargs=vllm_kwargs, rows=rows,
-            chunk_size=args.chunk_size, **ray_options,
+            beta=args.beta, weights=args.weights, vllm_kwargs=vllm_kwargs, **job_options,
+            **ray_options,
         )
     else:
+        from genarm_vllm.batch_job import run_job
         from genarm_vllm.engine import GuidedLLM
 
         llm = GuidedLLM(args.base, args.reward_model, beta=args.beta, weights=args.weights,
                         **vllm_kwargs)
-        added = run_job(llm, args.input, args.output, sampling_params, rows=rows,
-                        chunk_size=args.chunk_size)
-    print(f"wrote {added} rows to {args.output} ({len(rows)} in all)")
+        summary = run_job(llm, args.input, args.output, sampling_params, **job_options)
+    print(summary.report())
+    print(f"wrote {summary.rows_written} rows to {args.output} ({total} in all)")
     return 0
 
 
@@ -278,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         "generate", help="guided batch generation over a JSONL file", allow_abbrev=False,
         description="Guided batch generation. Input rows: {\"prompt\": ...} or "
         "{\"messages\": [...]}, optional \"beta\" and \"weights\". Output rows: the input "
-        "fields plus generated_text, generated_token_ids, finish_reason. Re-running continues "
-        "an interrupted job. Any further flags are vLLM engine flags (e.g. --max-model-len 2048 "
+        "fields plus generated_text, generated_token_ids, finish_reason, in input order; a row "
+        "that cannot be generated gets an \"error\" field instead. Re-running continues an "
+        "interrupted job (refused if the settings changed; --overwrite starts afresh). Any further flags are vLLM engine flags (e.g. --max-model-len 2048 "
         "--tensor-parallel-size 2 --enforce-eager).",
     )
     add_model_args(p)
@@ -293,8 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
-    p.add_argument("--chunk-size", type=int, default=512,
-                   help="rows per engine call; output is saved after each chunk (512)")
+    p.add_argument("--on-error", choices=["continue", "fail"], default="continue",
+                   help="a row that cannot be generated (bad JSON or guidance, a prompt too "
+                   "long, an id a model cannot embed, a row vLLM refuses): continue = write it "
+                   "as an error row (input fields + \"error\") and go on (default); fail = "
+                   "stop at the first one")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh: delete the output and its settings file (default: resume "
+                   "an interrupted job, refused if its settings differ)")
+    p.add_argument("--reorder-buffer", type=int, default=4096, metavar="ROWS",
+                   help="finished rows that may wait for an earlier, longer one before the "
+                   "engine stops taking new rows (memory bound of the ordered output; 4096)")
     ray = p.add_argument_group(
         "Ray", "run the job on a Ray cluster: an actor pool of engines (pip install "
         "'genarm-vllm[ray]'); tensor-parallel engines across GPUs/nodes: add the vLLM flags "
@@ -310,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "GPUs, else 0)")
     ray.add_argument("--cpus-per-replica", type=float, default=None,
                      help="CPUs Ray reserves per engine (1)")
+    ray.add_argument("--chunk-size", type=int, default=None,
+                     help="rows per Ray batch (512); small jobs are split so every replica "
+                     "gets work")
     p.set_defaults(func=cmd_generate, takes_vllm_args=True)
 
     p = sub.add_parser(
