@@ -28,6 +28,7 @@ from vllm.model_executor.model_loader.utils import initialize_model
 from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model
 
 from genarm_vllm.guidance import ARCHITECTURE, GuidanceConfig
+from genarm_vllm import lora_arm
 from genarm_vllm.mixing import tokenizer_columns
 from genarm_vllm.step_logits import STEP_LOGITS, StepLogits, publish_step_logits
 from genarm_vllm.validation import (
@@ -90,7 +91,18 @@ class GenARMForCausalLM(nn.Module):
             speculative_config=vllm_config.speculative_config,
             pipeline_parallel_size=vllm_config.parallel_config.pipeline_parallel_size,
         )
-        arm_configs = [AutoConfig.from_pretrained(path) for path in guidance.reward_models]
+        # A LoRA reward model (a PEFT adapter folder) runs on the base's weights
+        # (genarm_vllm/lora_arm.py): the base's config, no weights of its own but A/B.
+        adapters = {
+            path: lora_arm.check_adapter_fits(
+                lora_arm.read_adapter(path), model_config.hf_config, model_config.tokenizer
+            )
+            for path in guidance.reward_models if lora_arm.is_lora_adapter(path)
+        }
+        arm_configs = [
+            model_config.hf_config if path in adapters else AutoConfig.from_pretrained(path)
+            for path in guidance.reward_models
+        ]
         if current_platform.is_cuda():
             _use_safe_attention_backend(vllm_config, arm_configs)
         self.config = model_config.hf_config
@@ -105,11 +117,21 @@ class GenARMForCausalLM(nn.Module):
             prefix="base",
         )
         self.reward_model_names = []
+        self.lora_arm_names = []  # the reward models that run stacked on the base's weights
         self.embedding_rows = []
         hidden_sizes = [model_config.hf_config.get_text_config().hidden_size]
         self.secondary_weights = []
         for i, (path, arm_config) in enumerate(zip(guidance.reward_models, arm_configs)):
             name = reward_model_prefix(i)
+            if path in adapters:
+                if not self.lora_arm_names:
+                    lora_arm.check_base_layout(self.base.model)
+                setattr(self, name, lora_arm.LoRAARM(adapters[path], self.base.model, vllm_config, name))
+                self.reward_model_names.append(name)
+                self.lora_arm_names.append(name)
+                hidden_sizes.append(hidden_sizes[0])
+                self.embedding_rows.append(None)
+                continue
             arm_vllm_config = vllm_config.with_hf_config(arm_config)
             # The base's quantization does not apply to an unquantized reward model.
             arm_vllm_config.quant_config = None
@@ -153,8 +175,18 @@ class GenARMForCausalLM(nn.Module):
     ) -> torch.Tensor:
         if input_ids is None:
             raise NotImplementedError("GenARM reward models need token ids, not prompt embeddings")
-        hidden_states = [self.base(input_ids, positions, intermediate_tensors, inputs_embeds)]
-        for arm, rows in zip(self.reward_models, self.embedding_rows):
+        lora_arms = [getattr(self, name) for name in self.lora_arm_names]
+        if lora_arms:  # base and LoRA ARMs in one pass over the base's weights
+            stacked = lora_arm.stacked_forward(self.base.model, lora_arms, input_ids, positions)
+            hidden_states = list(stacked.chunk(len(lora_arms) + 1))
+            lora_hidden = dict(zip(self.lora_arm_names, hidden_states[1:]))
+            hidden_states = hidden_states[:1]
+        else:
+            hidden_states = [self.base(input_ids, positions, intermediate_tensors, inputs_embeds)]
+        for name, arm, rows in zip(self.reward_model_names, self.reward_models, self.embedding_rows):
+            if name in self.lora_arm_names:
+                hidden_states.append(lora_hidden[name])
+                continue
             # An id beyond an ARM's embedding rows is never sampled (the mix gives it -inf)
             # and GuidedLLM refuses prompts holding one; the clamp only keeps a raw
             # prompt_token_ids request that slipped past from crashing the engine.
@@ -163,8 +195,17 @@ class GenARMForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         parts = hidden_states.split(self.hidden_sizes, dim=-1)
-        base_logits = self.base.compute_logits(parts[0])
-        reward_logits = [arm.compute_logits(h) for arm, h in zip(self.reward_models, parts[1:])]
+        # The LoRA ARMs' rows go through the base's LM head with the base's, as one matmul.
+        lora = [i for i, name in enumerate(self.reward_model_names) if name in self.lora_arm_names]
+        stacked = self.base.compute_logits(
+            torch.cat([parts[0]] + [parts[1 + i] for i in lora]) if lora else parts[0]
+        )
+        stacked = [None] * (len(lora) + 1) if stacked is None else stacked.chunk(len(lora) + 1)
+        base_logits, lora_logits = stacked[0], dict(zip(lora, stacked[1:]))
+        reward_logits = [
+            lora_logits[i] if i in lora_logits else arm.compute_logits(h)
+            for i, (arm, h) in enumerate(zip(self.reward_models, parts[1:]))
+        ]
         if base_logits is None:  # a tensor-parallel rank that does not sample
             return None
         step = StepLogits(
@@ -185,4 +226,10 @@ class GenARMForCausalLM(nn.Module):
             (name if name.startswith(arm_prefixes) else f"base.{name}", tensor)
             for name, tensor in weights
         )
-        return AutoWeightsLoader(self).load_weights(weights)
+        loaded = AutoWeightsLoader(self).load_weights(weights)
+        for name in self.lora_arm_names:
+            loaded |= getattr(self, name).load_adapter()
+        # What the engine holds, before vLLM's CPU repacking empties the linear weights:
+        # with LoRA ARMs, the base's bytes plus the adapters' (tests/test_lora_arm.py).
+        self.loaded_parameter_bytes = lora_arm.parameter_bytes(self)
+        return loaded

@@ -38,6 +38,8 @@ def check_same_tokenizer(base: str, reward_model: str) -> None:
     every id both have. Extra ids at the end of either one (added special tokens, e.g. the
     `<pad>` at id 32000 of the Tulu2 ARM next to its base's 32,000 tokens) are allowed:
     decoding is over the base's ids, and ids a model cannot embed are never sampled."""
+    if _is_adapter(reward_model):
+        return  # a LoRA reward model on the base's weights reads with the base's tokenizer
     base_vocab, base_length = _vocab(str(base))
     arm_vocab, arm_length = _vocab(str(reward_model))
     if base_vocab == arm_vocab:
@@ -55,9 +57,16 @@ def check_same_tokenizer(base: str, reward_model: str) -> None:
             )
 
 
+def _is_adapter(path) -> bool:
+    from genarm_vllm.lora_arm import is_lora_adapter
+
+    return is_lora_adapter(path)
+
+
 def embedding_limits(reward_models: list[str]) -> dict[str, int]:
-    """Each reward model's embedding row count: prompt ids at or above it are refused."""
-    return {str(m): embedding_rows(str(m)) for m in reward_models}
+    """Each reward model's embedding row count: prompt ids at or above it are refused.
+    (A LoRA reward model embeds with the base's own embedding: no limit of its own.)"""
+    return {str(m): embedding_rows(str(m)) for m in reward_models if not _is_adapter(m)}
 
 
 def unsampled_ids(base: str, reward_models: list[str]) -> dict[str, range]:
@@ -86,6 +95,8 @@ def check_prompt_ids(prompt_ids, limits: dict[str, int]) -> None:
 @functools.lru_cache(maxsize=32)
 def max_positions(model: str) -> int | None:
     """A model folder's maximum position count (max_position_embeddings), if it states one."""
+    if _is_adapter(model):
+        return None  # a LoRA reward model runs at the base's positions
     config = AutoConfig.from_pretrained(model)
     return getattr(getattr(config, "get_text_config", lambda: config)(), "max_position_embeddings", None)
 
@@ -104,6 +115,10 @@ def check_tensor_parallel(
     model: str, tensor_parallel_size: int, role: str = "reward model"
 ) -> None:
     """Reward models are sharded like the base: their heads must divide by the TP size."""
+    if _is_adapter(model):
+        from genarm_vllm.lora_arm import check_lora_tensor_parallel
+
+        return check_lora_tensor_parallel(model, tensor_parallel_size)
     config = AutoConfig.from_pretrained(model)
     config = getattr(config, "text_config", None) or config
     heads = config.num_attention_heads
@@ -132,6 +147,10 @@ def check_reward_models(
         raise ValueError("GenARM needs at least one reward model")
     check_engine_features(speculative_config, pipeline_parallel_size)
     for reward_model in reward_models:
+        if _is_adapter(reward_model):
+            from genarm_vllm.lora_arm import check_adapter
+
+            check_adapter(base, reward_model)
         check_same_tokenizer(base, reward_model)
         if max_model_len is not None:
             check_max_model_len(reward_model, max_model_len)
