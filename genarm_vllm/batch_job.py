@@ -362,6 +362,7 @@ def run_job(
                     completion = result.outputs[0]
                     writer.put(index, output_line(row, completion))
                     bar.done(tokens=len(completion.token_ids))
+            bar.summary.peak_buffered = writer.peak_pending
     finally:
         feeder.abort()
         summary = bar.close()

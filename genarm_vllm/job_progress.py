@@ -16,6 +16,7 @@ class JobSummary:
     rows_before: int = 0        # rows the output already held (a resume)
     generated_tokens: int = 0
     seconds: float = 0.0
+    peak_buffered: int = 0      # most finished rows that waited in the reorder buffer at once
     failures: Counter = field(default_factory=Counter)   # reason kind -> rows
     first_failures: list[str] = field(default_factory=list)
 
