@@ -30,8 +30,12 @@ def pack(
     if not (base / "config.json").is_file():
         raise ValueError(f"base model folder {base} has no config.json")
     for path in reward_models:
-        if not (Path(path) / "config.json").is_file():
-            raise ValueError(f"reward model folder {path} has no config.json")
+        # A full model folder, or a PEFT LoRA adapter folder trained on the base
+        # (genarm_vllm/lora_arm.py: it runs on the base's own weights).
+        if not ((Path(path) / "config.json").is_file()
+                or (Path(path) / "adapter_config.json").is_file()):
+            raise ValueError(f"reward model folder {path} has no config.json "
+                             "(a model) or adapter_config.json (a LoRA adapter)")
     overrides = composite_fields(base, reward_models, beta, weights)
     check_reward_models(str(base), overrides["genarm_reward_models"])
     if out.exists() and any(out.iterdir()) and read_bundle(out) is None:

@@ -34,10 +34,13 @@ Tensor parallelism: the adapters are not sharded; LoRA ARMs refuse tensor_parall
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -243,7 +246,28 @@ def check_adapter_fits(adapter: LoRAAdapter, config, base_name: str) -> LoRAAdap
                           f"{list(b)} need [{adapter.r}, {fan_in}] and [{fan_out}, {adapter.r}] on "
                           f"base model {base_name} (hidden_size {c.hidden_size}, intermediate_size "
                           f"{c.intermediate_size}): the adapter was trained on another base")
+    _warn_if_other_base(adapter, base_name)
     return adapter
+
+
+def _weights_of(folder: Path):
+    """The resolved weight files of a local model folder (a bundle's are symlinks to its base's)."""
+    return sorted(p.resolve() for p in folder.glob("*.safetensors")) or sorted(
+        p.resolve() for p in folder.glob("pytorch_model*.bin"))
+
+
+def _warn_if_other_base(adapter: LoRAAdapter, base_name: str) -> None:
+    """A LoRA ARM is only the ARM on the model it was trained on; shapes alone cannot tell.
+    When the adapter names a local folder other than the base (other weight files), say so."""
+    named = adapter.base_model_name_or_path
+    if not named or not Path(named).is_dir() or not Path(base_name).is_dir():
+        return  # a hub name, or not here: nothing to compare
+    theirs, ours = _weights_of(Path(named)), _weights_of(Path(base_name))
+    if theirs and ours and theirs != ours:
+        logger.warning(
+            "LoRA reward model %s was trained on %s, not on the base %s (other weight files): "
+            "on the base's weights it is another reward model than the one trained, unless "
+            "both folders hold the same weights", adapter.path, named, base_name)
 
 
 def check_lora_tensor_parallel(path, tensor_parallel_size: int) -> None:

@@ -180,3 +180,40 @@ def test_bad_adapters_are_refused_with_the_reason(tiny, lora, tmp_path):
     # tensor parallelism is refused until the adapters are sharded
     with pytest.raises(ValueError, match="tensor_parallel_size=2 is not supported for LoRA"):
         GuidedLLM(tiny["base"], [lora["all"]], tensor_parallel_size=2)
+
+
+def test_pack_bundle_with_an_adapter_loads_in_plain_vllm(tiny, engine, lora, tmp_path):
+    from genarm_vllm.cli import main
+
+    bundle = tmp_path / "bundle"
+    assert main(["pack", "--base", str(tiny["base"]), "--reward-model", str(lora["all"]),
+                 "--beta", "0.5", "--out", str(bundle)]) == 0
+    config = json.loads((bundle / "config.json").read_text())
+    assert config["genarm_reward_models"] == [str(lora["all"].resolve())]
+    plain = engine("lora bundle", plain=True, model=str(bundle))  # no GenARM code named
+    want = ReferenceDecoder(tiny["base"], [lora["all_merged"]], beta=0.5).generate(
+        PROMPTS, 16, ignore_eos=True)
+    assert token_ids(plain.generate(PROMPTS, GREEDY)) == want
+
+
+@pytest.mark.slow
+def test_train_arm_lora_adapter_is_a_reward_model_as_saved(tiny, engine, tmp_path_factory):
+    """`train-arm --mode lora --save-adapter` on the base (GenARM's recipe): the saved
+    adapter folder steers like the merged ARM folder train-arm writes next to it."""
+    from genarm_vllm.cli import main
+    from genarm_vllm.testing import random_corpus
+
+    root = tmp_path_factory.mktemp("lora_train")
+    lines = random_corpus(120, seed=7)
+    rows = [{"prompt": a, "chosen": " happy good", "rejected": " sad bad"} for a in lines]
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = root / "arm"
+    assert main(["train-arm", "--init", str(tiny["base"]), "--data", str(root / "prefs.jsonl"),
+                 "--out", str(out), "--mode", "lora", "--lora-targets", "q_proj,v_proj,down_proj",
+                 "--save-adapter", "--epochs", "1", "--lr", "3e-3", "--batch-size", "8",
+                 "--seed", "1"]) == 0
+    adapter = out / "lora_adapter"
+    llm = engine("lora trained", reward_paths=[adapter], beta=0.5)
+    want = ReferenceDecoder(tiny["base"], [out], beta=0.5).generate(PROMPTS, 16, ignore_eos=True)
+    assert token_ids(llm.generate(PROMPTS, GREEDY)) == want
+    assert want != ReferenceDecoder(tiny["base"]).generate(PROMPTS, 16, ignore_eos=True)
