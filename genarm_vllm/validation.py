@@ -80,6 +80,13 @@ def unsampled_ids(base: str, reward_models: list[str]) -> dict[str, range]:
     return {m: range(rows, length) for m, rows in limits.items() if rows < length}
 
 
+def prompt_id_limits(base: str, reward_models: list[str]) -> dict[str, int]:
+    """The reward models that cannot embed every id vLLM accepts in a prompt for `base`
+    (the larger of its tokenizer length and embedding rows), with their row counts."""
+    accepted = max(tokenizer_length(base), embedding_rows(base))
+    return {m: rows for m, rows in embedding_limits(reward_models).items() if rows < accepted}
+
+
 def check_prompt_ids(prompt_ids, limits: dict[str, int]) -> None:
     """ValueError naming the first prompt id a reward model cannot embed, and the model."""
     top = max(prompt_ids, default=-1)

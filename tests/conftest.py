@@ -6,7 +6,12 @@ runtime.use_local_env()
 
 import pytest  # noqa: E402
 
-from genarm_vllm.testing import build_tiny_family  # noqa: E402
+from genarm_vllm.testing import (  # noqa: E402
+    build_model,
+    build_tiny_family,
+    build_tokenizer,
+    with_added_tokens,
+)
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +52,29 @@ def engine(tiny):
         return _ENGINES[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def padded_pair(tmp_path_factory):
+    """The paper's weak-to-strong layout and its mirror image, on the tiny tokenizer:
+    tok_plus = the base's tokenizer + one added special token at the end (the Tulu2 ARM's
+    `<pad>`, id 32000, next to its base's 32,000 tokens); embeddings sized to each tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("padded")
+    tok = build_tokenizer(root / "tok")
+    tok_plus = with_added_tokens(root / "tok", root / "tok_plus", ("<extra_pad>",))
+    extra_id = len(tok)
+    assert tok_plus.convert_tokens_to_ids("<extra_pad>") == extra_id
+    models = {
+        "base": build_model(root / "base", tok, seed=1),
+        "arm_plus": build_model(root / "arm_plus", tok_plus, seed=2),  # Tulu2 ARM layout
+        "base_plus": build_model(root / "base_plus", tok_plus, seed=1),
+        "arm": build_model(root / "arm", tok, seed=2),
+    }
+    # base_plus prefers the added id above all others: the engine must still never pick it.
+    weights_file = models["base_plus"] / "model.safetensors"
+    weights = load_file(weights_file)
+    weights["lm_head.weight"][extra_id] = weights["lm_head.weight"].sum(0)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    return models, extra_id

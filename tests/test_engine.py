@@ -234,35 +234,6 @@ def test_short_context_arm_runs_without_max_model_len(tiny, engine, tmp_path_fac
     assert len(out[0].outputs[0].token_ids) == 4
 
 
-@pytest.fixture(scope="module")
-def padded_pair(tiny, tmp_path_factory):
-    """The paper's weak-to-strong layout and its mirror image, on the tiny tokenizer:
-    tok_plus = the base's tokenizer + one added special token at the end (the Tulu2 ARM's
-    `<pad>`, id 32000, next to its base's 32,000 tokens); embeddings sized to each tokenizer."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from genarm_vllm.testing import with_added_tokens
-
-    root = tmp_path_factory.mktemp("padded")
-    tok = build_tokenizer(root / "tok")
-    tok_plus = with_added_tokens(root / "tok", root / "tok_plus", ("<extra_pad>",))
-    extra_id = len(tok)
-    assert tok_plus.convert_tokens_to_ids("<extra_pad>") == extra_id
-    models = {
-        "base": build_model(root / "base", tok, seed=1),
-        "arm_plus": build_model(root / "arm_plus", tok_plus, seed=2),  # Tulu2 ARM layout
-        "base_plus": build_model(root / "base_plus", tok_plus, seed=1),
-        "arm": build_model(root / "arm", tok, seed=2),
-    }
-    # base_plus prefers the added id above all others: the engine must still never pick it.
-    weights_file = models["base_plus"] / "model.safetensors"
-    weights = load_file(weights_file)
-    weights["lm_head.weight"][extra_id] = weights["lm_head.weight"].sum(0)
-    save_file(weights, weights_file, metadata={"format": "pt"})
-    return models, extra_id
-
-
 def test_tokenizers_with_extra_ids_at_the_end(padded_pair, engine):
     models, extra_id = padded_pair
     # The paper's layout: the ARM has one id more than its base. Accepted, exact.
@@ -280,10 +251,45 @@ def test_tokenizers_with_extra_ids_at_the_end(padded_pair, engine):
         base_alone.generate(PROMPTS, 12, ignore_eos=True)
     # A prompt holding that id: a clear error naming the id and the model, the engine unharmed.
     prompt = {"prompt_token_ids": [5, extra_id, 7]}
-    with pytest.raises(ValueError, match=rf"prompt 0: prompt token id {extra_id} is beyond "
-                                         rf"reward model {models['arm']}'s {extra_id} embedding rows"):
-        llm.generate([prompt], GREEDY_12)
+    message = rf"prompt token id {extra_id} is beyond reward model {models['arm']}'s {extra_id} embedding rows"
+    for bad in (prompt, "the cat <extra_pad> sat"):  # text holding the added token too
+        with pytest.raises(ValueError, match=message):
+            llm.generate([PROMPTS[0], bad], GREEDY_12)
     assert len(token_ids(llm.generate(PROMPTS[:1], GREEDY_12))[0]) == 12
+
+
+def test_plain_vllm_llm_on_a_bundle(padded_pair, engine, tmp_path_factory):
+    """vllm.LLM(BUNDLE) with no GenARM arguments: the plugin adds the processor once (a
+    user's own entry is replaced), per-request guidance is exact, wrong guidance and
+    unembeddable prompt ids are errors, and other models get nothing of GenARM's."""
+    from vllm.exceptions import VLLMValidationError
+
+    from genarm_vllm.bundle import pack
+    from genarm_vllm.logits_processor import GenARMLogitsProcessor
+
+    models, extra_id = padded_pair
+    bundle = pack(models["base_plus"], [models["arm"]], tmp_path_factory.mktemp("b") / "bundle",
+                  beta=0.5)
+    llm = engine("plain bundle", plain=True, model=str(bundle),
+                 logits_processors=[GenARMLogitsProcessor])
+    config = llm.llm_engine.vllm_config.model_config
+    assert config.logits_processors == ["genarm_vllm.logits_processor:GenARMLogitsProcessor_1rm_v1"]
+    guided = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                            extra_args={"genarm_beta": 0.25, "genarm_weights": [-1.0]})
+    want = ReferenceDecoder(models["base_plus"], [models["arm"]], beta=0.25, weights=[-1.0])
+    assert token_ids(llm.generate(PROMPTS, guided, use_tqdm=False)) == \
+        want.generate(PROMPTS, 12, ignore_eos=True)
+    defaults = ReferenceDecoder(models["base_plus"], [models["arm"]], beta=0.5)
+    assert token_ids(llm.generate(PROMPTS, GREEDY_12, use_tqdm=False)) == \
+        defaults.generate(PROMPTS, 12, ignore_eos=True)
+    with pytest.raises(VLLMValidationError, match="one entry per reward model"):
+        llm.generate(PROMPTS[:1], SamplingParams(extra_args={"genarm_weights": [1.0, 1.0]}))
+    with pytest.raises(ValueError, match=f"prompt token id {extra_id} is beyond"):
+        llm.generate([{"prompt_token_ids": [5, extra_id]}], GREEDY_12, use_tqdm=False)
+    # Another model in the same process: no processor, its out-of-vocabulary check unchanged.
+    other = engine("plain base", plain=True).llm_engine.vllm_config.model_config
+    assert not other.logits_processors
+    assert not getattr(other, "genarm_prompt_id_limits", None)
 
 
 

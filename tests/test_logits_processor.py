@@ -20,7 +20,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.loader import (
 )
 
 import genarm_vllm.step_logits as genarm_model
-from genarm_vllm.logits_processor import GenARMLogitsProcessor
+from genarm_vllm.logits_processor import GenARMLogitsProcessor, is_genarm_processor, processor_for
 from genarm_vllm.mixing import mix_logits, tokenizer_columns
 
 VOCAB, WIDTH, DEFAULT_BETA, DEFAULT_WEIGHTS = 40, 44, 1.0, [1.0, 0.5]
@@ -156,12 +156,53 @@ def test_v1_interface_follows_batch_updates(small_arm):
     ({"genarm_weights": "1,1"}, "genarm_weights must be a list"),
     ({"genarm_weights": [1.0, 2.0, 3.0]}, r"genarm_weights must have one entry per reward model \(2\)"),
 ])
-def test_admission_check_names_the_key(monkeypatch, extra, message):
-    monkeypatch.setenv("GENARM_NUM_REWARD_MODELS", "2")  # as `genarm-vllm serve` sets it
-    validate = build_custom_logits_processors_params_validator([GenARMLogitsProcessor])
+@pytest.mark.parametrize("v2_runner", [False, True])
+def test_admission_check_names_the_key(extra, message, v2_runner):
+    # The processor the plugin configures for an engine with two reward models, loaded by
+    # name through each runner's own frontend validator.
+    name = processor_for(2, v2_runner)
+    if v2_runner:
+        validate = build_custom_logits_processors_params_validator([name])
+    else:
+        from functools import partial
+
+        from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+        validate = partial(validate_logits_processors_parameters, [name])
     with pytest.raises(VLLMValidationError, match=message):
         validate(SamplingParams(extra_args=extra))
     validate(SamplingParams(extra_args={"genarm_beta": 0.5, "genarm_weights": [1, 0]}))
+
+
+def test_repetition_penalty_with_own_guidance_is_refused_under_v2_only():
+    """Model Runner V2 penalizes before logits processors run (the default mix): a request's
+    own guidance with a repetition penalty would sample from another distribution there.
+    V1 penalizes after (exact, test_engine.py)."""
+    penalized = SamplingParams(repetition_penalty=1.3, extra_args={"genarm_beta": 0.5})
+    v2 = build_custom_logits_processors_params_validator([processor_for(2, True)])
+    with pytest.raises(VLLMValidationError, match="repetition_penalty != 1 are refused under"):
+        v2(penalized)
+    v2(SamplingParams(repetition_penalty=1.3))  # the engine's defaults: penalized as mixed
+    v2(SamplingParams(frequency_penalty=0.5, presence_penalty=0.5, extra_args={"genarm_beta": 0.5}))
+    v1 = build_custom_logits_processors_params_validator([processor_for(2, False)])
+    v1(penalized)
+
+
+def test_processor_classes_by_name_load_and_pickle():
+    import pickle
+
+    import genarm_vllm.logits_processor as module
+
+    cls = module.GenARMLogitsProcessor_3rm_v2
+    assert (cls.num_reward_models, cls.v2_runner) == (3, True)
+    assert issubclass(cls, GenARMLogitsProcessor) and pickle.loads(pickle.dumps(cls)) is cls
+    assert processor_for(3, True) == "genarm_vllm.logits_processor:GenARMLogitsProcessor_3rm_v2"
+    for entry in (GenARMLogitsProcessor, cls, processor_for(1, False),
+                  "genarm_vllm.logits_processor:GenARMLogitsProcessor"):
+        assert is_genarm_processor(entry)
+    assert not is_genarm_processor("my.mod:Proc") and not is_genarm_processor(SamplingParams)
+    with pytest.raises(AttributeError):
+        module.GenARMLogitsProcessor_x
 
 
 def test_refuses_a_model_that_is_not_genarm():

@@ -34,14 +34,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(tiny, folder, arms):
-    """A GenARM server started as a user would: (process, url, log) once healthy."""
+def start_server(tiny, folder, arms, command=None):
+    """A GenARM server started as a user would: (process, url, log) once healthy.
+
+    command: the server command before its flags (default `genarm-vllm serve` on the tiny
+    base and `arms`).
+    """
     port = free_port()
     log = open(folder / "server.log", "w+")
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # the server's normal mode
-    cmd = [sys.executable, "-m", "genarm_vllm.cli", "serve", "--base", str(tiny["base"]),
-           *[a for arm in arms for a in ("--reward-model", str(tiny[arm]))],
-           "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
+    command = command or [
+        sys.executable, "-m", "genarm_vllm.cli", "serve", "--base", str(tiny["base"]),
+        *[a for arm in arms for a in ("--reward-model", str(tiny[arm]))]]
+    cmd = [*command, "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "256",
            "--enforce-eager", "--served-model-name", "genarm-tiny"]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -240,14 +245,15 @@ def test_serve_reads_vllm_flags_as_vllm_does(tiny, tmp_path, spelling):
 
 
 def test_serve_merges_the_users_hf_overrides_and_processors(tiny):
-    from genarm_vllm.serve import LOGITS_PROCESSOR, read_server_flags, server_argv
+    from genarm_vllm.serve import read_server_flags, server_argv
 
     argv, _ = server_argv(str(tiny["base"]), [str(tiny["arm_small"])], 0.5, None, [
         "--hf_overrides", '{"rope_theta": 20000.0}', "--logits-processors", "my.mod:Proc"])
     flags, _ = read_server_flags(argv[3:])  # what vLLM's server will read
     assert flags["hf_overrides"]["rope_theta"] == 20000.0
     assert flags["hf_overrides"]["genarm_beta"] == 0.5
-    assert flags["logits_processors"] == [LOGITS_PROCESSOR, "my.mod:Proc"]
+    # The user's own; the plugin puts GenARM's first when the engine config is made.
+    assert flags["logits_processors"] == ["my.mod:Proc"]
     assert flags["model"] == str(tiny["base"])
 
 
@@ -262,5 +268,43 @@ def test_sigterm_stops_cleanly_without_children(tiny, tmp_path):
         assert proc.wait(timeout=60) is not None
         gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, [p.pid for p in alive]
+    finally:
+        stop_tree(proc)
+
+
+@pytest.mark.slow
+def test_plain_vllm_server_on_a_bundle(padded_pair, tmp_path):
+    """vLLM's own server on a bundle, no GenARM flag or environment variable: guidance per
+    request is exact, and wrong guidance or a prompt holding an id the reward model cannot
+    embed (as token ids, or as text) is HTTP 400 naming it; the server keeps serving."""
+    from genarm_vllm.bundle import pack
+    from genarm_vllm.reference import ReferenceDecoder
+
+    models, extra_id = padded_pair
+    bundle = pack(models["base_plus"], [models["arm"]], tmp_path / "bundle", beta=0.5)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(bundle),
+               "--dtype", "float32", "--no-enable-chunked-prefill"]
+    proc, url, log = start_server(None, tmp_path, [], command)
+    try:
+        def post(prompt, **body):
+            return requests.post(url + "/v1/completions", timeout=60, json={
+                "model": "genarm-tiny", "prompt": prompt, "max_tokens": MAX_TOKENS,
+                "temperature": 0, "return_token_ids": True, **body})
+
+        want = ReferenceDecoder(models["base_plus"], [models["arm"]], beta=0.25, weights=[-1.0])
+        xargs = {"genarm_beta": 0.25, "genarm_weights": [-1.0]}
+        got = [post(p, vllm_xargs=xargs).json()["choices"][0]["token_ids"] for p in PROMPTS[:2]]
+        assert got == want.generate(PROMPTS[:2], MAX_TOKENS)
+        for prompt, body, needle in [
+            (PROMPTS[0], {"vllm_xargs": {"genarm_weights": [1.0, 1.0]}}, "genarm_weights"),
+            (PROMPTS[0], {"vllm_xargs": {"genarm_beta": 0}}, "genarm_beta"),
+            ([5, extra_id, 7], {}, f"prompt token id {extra_id} is beyond reward model"),
+            ("the cat <extra_pad> sat", {}, f"prompt token id {extra_id} is beyond reward model"),
+        ]:
+            response = post(prompt, **body)
+            assert response.status_code == 400, response.text
+            assert needle in response.json()["error"]["message"]
+        assert post(PROMPTS[0]).json()["choices"][0]["token_ids"] == \
+            ReferenceDecoder(models["base_plus"], [models["arm"]], beta=0.5).generate(PROMPTS[:1], MAX_TOKENS)[0]
     finally:
         stop_tree(proc)
