@@ -12,7 +12,10 @@ chunked prefill and vLLM's default model runner (Model Runner V2 on 0.33):
                          head size is larger than the base's)
     flash-attn           attention_backend=FLASH_ATTN given by the user
     per-request          a different beta / weights per prompt in one batch
-    repetition-penalty   repetition_penalty=1.3 with per-request guidance
+    repetition-penalty   repetition_penalty=1.3 with per-request guidance (V1 runner); under
+                         Model Runner V2 that combination must be refused (V2 penalizes
+                         before logits processors), and the penalty with the engine's
+                         default guidance must be exact
     tensor-parallel-2    tensor_parallel_size=2 (only with two GPUs or more)
 
 Each case runs in its own process (an engine cannot be torn down safely in-process) and must
@@ -20,9 +23,6 @@ finish within the time budget; the script prints a pass/fail table and exits 1 o
 failure. Without a GPU it says so and exits 0, counting nothing as passed.
 The tiny models' large initializer range keeps their next-token distributions peaked, so
 bfloat16 rounding rarely decides a greedy choice; a FAIL names the first differing sequence.
-Known: under Model Runner V2 a repetition penalty acts on the default mix, not on a
-request's own (vLLM 0.33 applies penalties before custom logits processors), so that case
-is expected to FAIL there until GenARM compensates for it.
 """
 
 from __future__ import annotations
@@ -66,6 +66,15 @@ def run_case(work: Path, case: dict) -> dict:
                     max_model_len=256, enable_chunked_prefill=True, **case)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True,
                             repetition_penalty=penalty)
+    refused = ""
+    if penalty != 1.0 and per_request and llm.llm.llm_engine.vllm_config.use_v2_model_runner:
+        try:
+            llm.generate(PROMPTS, params, guidance=guidance, use_tqdm=False)
+            return {"status": "FAIL", "detail": "V2: own guidance + repetition penalty not refused"}
+        except ValueError as e:
+            if "refused under" not in str(e):
+                raise
+        refused, guidance = "V2 refused own guidance + penalty; ", None
     got = [list(o.outputs[0].token_ids)
            for o in llm.generate(PROMPTS, params, guidance=guidance, use_tqdm=False)]
     reference = ReferenceDecoder(tiny["base"], arms, beta=0.7, weights=weights,
@@ -75,7 +84,7 @@ def run_case(work: Path, case: dict) -> dict:
                               repetition_penalty=penalty)
     mismatches = [i for i, (g, w) in enumerate(zip(got, want)) if g != w]
     if not mismatches:
-        return {"status": "PASS", "detail": f"{len(PROMPTS)} sequences equal"}
+        return {"status": "PASS", "detail": f"{refused}{len(PROMPTS)} sequences equal"}
     return {"status": "FAIL", "detail": f"sequences {mismatches} differ from the reference "
             f"(first: {got[mismatches[0]][:8]} vs {want[mismatches[0]][:8]})"}
 

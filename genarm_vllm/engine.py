@@ -97,4 +97,11 @@ class GuidedLLM:
             sp if g is None else with_guidance(sp, *g)
             for sp, g in zip(sampling_params, per_prompt)
         ]
-        return self.llm.generate(prompt_list, params, use_tqdm=use_tqdm)
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            return self.llm.generate(prompt_list, params, use_tqdm=use_tqdm)
+        except VLLMValidationError as e:  # vLLM's admission checks (ours among them)
+            if isinstance(e, ValueError):
+                raise
+            raise ValueError(str(e)) from e

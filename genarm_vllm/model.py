@@ -188,8 +188,8 @@ class GenARMForCausalLM(nn.Module):
                 hidden_states.append(lora_hidden[name])
                 continue
             # An id beyond an ARM's embedding rows is never sampled (the mix gives it -inf)
-            # and GuidedLLM refuses prompts holding one; the clamp only keeps a raw
-            # prompt_token_ids request that slipped past from crashing the engine.
+            # and vLLM's prompt check refuses prompts holding one (plugin.py); the clamp
+            # only keeps a request that slipped past from crashing the engine.
             hidden_states.append(arm(input_ids.clamp(max=rows - 1), positions))
         return torch.cat(hidden_states, dim=-1)
 
