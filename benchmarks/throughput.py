@@ -11,6 +11,14 @@ bound 1 / (1/a + 1/b), (c) / (d), (c) / (e) and (c_het) / (c).
 
     python benchmarks/throughput.py --quick --json artifacts/bench/quick.json
     python benchmarks/throughput.py --json artifacts/bench/full.json      # the full sweep
+    python benchmarks/throughput.py --lora --dtype bfloat16 --json artifacts/bench/lora_bf16.json
+
+--lora measures a LoRA ARM on the base's own weights (genarm_vllm/lora_arm.py) instead: the
+demo's sentiment adapter on SmolLM2-135M-Instruct, batch 1, 8, 64, in one run against
+(a) plain vLLM base only, (b) plain vLLM with the merged ARM only, (c) the GenARM engine with
+the merged ARM (two weight copies) and (L) the GenARM engine with the adapter (one copy);
+reports (L) and (c) over the sum-of-parts bound and as a fraction of (a), the weight bytes
+of both GenARM engines, and a time split of one generate call at each batch size.
 
 Engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0 unless set), eager mode. Every
 system, vLLM and Hugging Face alike, runs in the same dtype (--dtype, float32 by default;
@@ -198,6 +206,97 @@ def profile_breakdown(guided, prompts, output_len, guidance=None) -> dict:
     return {"total_s": total, **{k: {"s": v, "share": v / total} for k, v in seconds.items()}}
 
 
+def _model_of(llm):
+    llm = getattr(llm, "llm", llm)  # GuidedLLM or vllm.LLM
+    return llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+
+
+def step_split(llm, prompts, output_len) -> dict:
+    """Seconds of one generate call in the model's forward, in compute_logits (LM heads and
+    the mix) and elsewhere (sampling, scheduling, input preparation, detokenization)."""
+    from vllm import SamplingParams
+
+    model = _model_of(llm)
+    timers = {"forward": _Timer(model.forward), "compute_logits": _Timer(model.compute_logits)}
+    model.forward, model.compute_logits = timers["forward"], timers["compute_logits"]
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    try:
+        start = time.perf_counter()
+        llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        total = time.perf_counter() - start
+    finally:
+        model.forward, model.compute_logits = timers["forward"].fn, timers["compute_logits"].fn
+    split = {k: round(t.seconds, 4) for k, t in timers.items()}
+    split["other"] = round(total - sum(split.values()), 4)
+    return {"total_s": round(total, 4), **split}
+
+
+def run_lora(args) -> list[dict]:
+    """The LoRA ARM on the base's weights against the merged ARM (see module doc)."""
+    from vllm import LLM
+
+    from genarm_vllm import GuidedLLM
+    from genarm_vllm.demo.arms import ADAPTER, ARM_ROOT, build
+    from genarm_vllm.demo.common import ASSETS
+    from genarm_vllm.validation import tokenizer_length
+
+    base = Path(args.base) if args.base else _default_base()
+    adapter = ASSETS / "sentiment" / ADAPTER
+    merged = build("sentiment", base, ARM_ROOT / "sentiment")  # the demo's merged copy
+    vocab = tokenizer_length(str(base))
+    plain_kwargs = vllm_engine_kwargs()
+    systems = {
+        "a_base_vllm": LLM(model=str(base), **plain_kwargs),
+        "b_merged_arm_vllm": LLM(model=str(merged), **plain_kwargs),
+        "c_genarm_merged": GuidedLLM(base, [merged], beta=1.0, **BENCHMARK_ENGINE_ARGS),
+        "l_genarm_lora": GuidedLLM(base, [adapter], beta=1.0, **BENCHMARK_ENGINE_ARGS),
+    }
+    weight_bytes = {k: _model_of(systems[k]).loaded_parameter_bytes
+                    for k in ("c_genarm_merged", "l_genarm_lora")}
+    warm = random_prompts(vocab, 2, args.prompt_len, seed=99)
+    for llm in systems.values():
+        vllm_tokens_per_s(llm, warm, 4)
+    results = []
+    for batch in args.batch_sizes:
+        prompts = random_prompts(vocab, batch, args.prompt_len, seed=batch)
+        row = {"arm": "sentiment LoRA", "batch": batch, "dtype": args.dtype,
+               "adapter": str(adapter), "merged_arm": str(merged)}
+        measure = dict(output_len=args.output_len, min_seconds=args.min_seconds)
+        for _ in range(args.repeats):  # interleaved, best of: the machine is shared
+            for key, llm in systems.items():
+                row[key] = max(row.get(key, 0.0), vllm_tokens_per_s(llm, prompts, **measure))
+        bound = 1 / (1 / row["a_base_vllm"] + 1 / row["b_merged_arm_vllm"])
+        row["sum_of_parts_bound"] = bound
+        row["l_over_bound"] = row["l_genarm_lora"] / bound
+        row["c_over_bound"] = row["c_genarm_merged"] / bound
+        row["l_over_base"] = row["l_genarm_lora"] / row["a_base_vllm"]
+        row["c_over_base"] = row["c_genarm_merged"] / row["a_base_vllm"]
+        row["l_over_c"] = row["l_genarm_lora"] / row["c_genarm_merged"]
+        row["target_over_bound"] = {1: 1.5, 8: 1.2, 64: 1.0}.get(batch)
+        row["weight_bytes_genarm_merged"] = weight_bytes["c_genarm_merged"]
+        row["weight_bytes_genarm_lora"] = weight_bytes["l_genarm_lora"]
+        if args.profile:
+            row["split"] = {k: step_split(systems[k], prompts, args.output_len)
+                            for k in ("a_base_vllm", "c_genarm_merged", "l_genarm_lora")}
+        results.append(row)
+        print(_format_row(row, LORA_COLUMNS), flush=True)
+    return results
+
+
+LORA_COLUMNS = [
+    ("dtype", "dtype", "{}"), ("batch", "batch", "{}"),
+    ("a_base_vllm", "(a) base tok/s", "{:.1f}"), ("b_merged_arm_vllm", "(b) merged ARM tok/s", "{:.1f}"),
+    ("sum_of_parts_bound", "bound tok/s", "{:.1f}"),
+    ("c_genarm_merged", "(c) GenARM merged tok/s", "{:.1f}"),
+    ("l_genarm_lora", "(L) GenARM LoRA tok/s", "{:.1f}"),
+    ("l_over_bound", "(L)/bound", "{:.2f}"), ("target_over_bound", "target", "{}"),
+    ("c_over_bound", "(c)/bound", "{:.2f}"),
+    ("l_over_base", "(L)/(a)", "{:.2f}"), ("c_over_base", "(c)/(a)", "{:.2f}"),
+    ("weight_bytes_genarm_merged", "(c) weight MB", "{:.0f}"),
+    ("weight_bytes_genarm_lora", "(L) weight MB", "{:.0f}"),
+]
+
+
 def _add_ratios(row: dict) -> None:
     bound = 1 / (1 / row["a_base_vllm"] + 1 / row["b_arm_vllm"])
     row["sum_of_parts_bound"] = bound
@@ -219,15 +318,22 @@ COLUMNS = [
 ]
 
 
-def _format_row(row: dict) -> str:
-    return "  ".join(f"{title}={fmt.format(row[key])}" for key, title, fmt in COLUMNS)
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row[key]
+    if key.startswith("weight_bytes"):
+        value = value / 1e6
+    return fmt.format(value)
 
 
-def markdown_table(results: list[dict]) -> str:
-    lines = ["| " + " | ".join(t for _, t, _ in COLUMNS) + " |",
-             "|" + "---|" * len(COLUMNS)]
+def _format_row(row: dict, columns=COLUMNS) -> str:
+    return "  ".join(f"{title}={_cell(row, key, fmt)}" for key, title, fmt in columns)
+
+
+def markdown_table(results: list[dict], columns=COLUMNS) -> str:
+    lines = ["| " + " | ".join(t for _, t, _ in columns) + " |",
+             "|" + "---|" * len(columns)]
     for row in results:
-        lines.append("| " + " | ".join(fmt.format(row[k]) for k, _, fmt in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_cell(row, k, fmt) for k, _, fmt in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,7 +409,15 @@ def main() -> None:
                         help="torch.compile the vLLM engines (enforce_eager=False); slower start-up")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the time breakdown of the GenARM engine at the largest batch")
+    parser.add_argument("--lora", action="store_true",
+                        help="the LoRA ARM on the base's weights vs the merged ARM (batch 1, 8, 64)")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="--lora: interleaved repeats of every measurement (best is kept)")
     args = parser.parse_args()
+    if args.lora:
+        args.batch_sizes = [1, 8, 64] if args.batch_sizes == [1, 8, 32, 64, 128] else args.batch_sizes
+        args.output_len = 32 if args.output_len == 64 else args.output_len
+        args.min_seconds = min(args.min_seconds, 3.0)
     if args.quick:
         args.batch_sizes, args.output_len = [1, 8, 64], 32
         args.batch1_prompts, args.min_seconds = 2, min(args.min_seconds, 3.0)
@@ -317,7 +431,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    results = run(args)
+    results = run_lora(args) if args.lora else run(args)
     report = {
         "settings": {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
@@ -331,14 +445,16 @@ def main() -> None:
         },
         "results": results,
     }
-    table = markdown_table(results)
+    name = "throughput_lora" if args.lora else "throughput"
+    table = markdown_table(results, LORA_COLUMNS if args.lora else COLUMNS)
     print(table)
-    (work / "throughput.md").write_text(table)
-    plot(results, work / "throughput.png")
+    (work / f"{name}.md").write_text(table)
+    if not args.lora:
+        plot(results, work / "throughput.png")
     json_path = Path(args.json) if args.json else work / "throughput.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {json_path}, {work / 'throughput.md'}, {work / 'throughput.png'}")
+    print(f"wrote {json_path}, {work / (name + '.md')}")
 
 
 if __name__ == "__main__":
