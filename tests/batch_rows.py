@@ -9,9 +9,15 @@ from genarm_vllm.testing import SMALL_ARM_SHAPE, WORDS, build_model, with_added_
 EXTRA_TOKEN = "<extra>"  # in the base's tokenizer only: the ARM cannot embed its id
 
 
-def build_poison_models(root, tiny) -> dict:
-    """A base whose tokenizer has one added token at the end and an ARM without it."""
-    root = Path(root)
+def build_poison_models(tmp_path_factory, tiny) -> dict:
+    """A base whose tokenizer has one added token at the end and an ARM without it.
+
+    Built once per session at one place, so every test module's engine("poison", ...)
+    (cached by key for the session) reads the same folders.
+    """
+    root = tmp_path_factory.getbasetemp() / "poison-models"
+    if (root / "arm" / "config.json").exists():
+        return {"base": root / "base_plus", "arm": root / "arm"}
     tok_plus = with_added_tokens(tiny["base"], root / "tok_plus", (EXTRA_TOKEN,))
     from transformers import AutoTokenizer
 

@@ -33,7 +33,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 def poison(tiny, engine, tmp_path_factory):
     """The poison models, their engine, and the all-good run of 500 rows."""
     root = tmp_path_factory.mktemp("poison")
-    models = build_poison_models(root, tiny)
+    models = build_poison_models(tmp_path_factory, tiny)
     llm = engine("poison", base=models["base"], reward_paths=[models["arm"]])
     good = good_rows(500)
     good_out = root / "good_out.jsonl"

@@ -12,6 +12,7 @@ from vllm import SamplingParams
 
 from genarm_vllm.batch_job import run_job
 from genarm_vllm.cli import main
+from genarm_vllm.fingerprint import settings_path
 from genarm_vllm.testing import build_model, build_tokenizer
 from genarm_vllm.tokenization import prompt_ids
 
@@ -121,7 +122,9 @@ def test_generate_cli_matches_python_api(tiny, engine, tmp_path):
 
     # A finished job is a no-op that starts no engine.
     again = cli("generate", "--base", tiny["base"], "--reward-model", tiny["arm_small"],
-                "--input", infile, "--output", outfile)
+                "--beta", "0.5", "--input", infile, "--output", outfile,
+                "--temperature", "0", "--max-tokens", "12", "--ignore-eos",
+                "--max-model-len", "256", "--enforce-eager", "--dtype", "float32")
     assert again.returncode == 0 and "nothing to do" in again.stdout
     assert read_jsonl(outfile) == out
 
@@ -130,31 +133,23 @@ def test_interrupted_job_resumes_without_duplicates(tiny, engine, tmp_path):
     llm = engine("arm_small", ["arm_small"], beta=0.5)
     infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
     full = tmp_path / "full.jsonl"
-    run_job(llm, infile, full, GREEDY, chunk_size=2, progress=False)
-
-    class Interrupted(Exception):
-        pass
-
-    calls = []
-
-    class FailsOnSecondChunk:
-        reward_models = llm.reward_models
-        get_tokenizer = llm.get_tokenizer
-
-        def generate(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise Interrupted
-            return llm.generate(*args, **kwargs)
-
+    assert run_job(llm, infile, full, GREEDY, progress=False).rows_done == 5
+    # What an interruption leaves: 2 complete rows, a torn third one, the settings file.
     partial = tmp_path / "partial.jsonl"
-    with pytest.raises(Interrupted):
-        run_job(FailsOnSecondChunk(), infile, partial, GREEDY, chunk_size=2, progress=False)
-    assert len(read_jsonl(partial)) == 2
-    with open(partial, "a") as f:  # a torn line, as a kill mid-write leaves
-        f.write('{"id": 3, "prompt": "hap')
-    assert run_job(llm, infile, partial, GREEDY, chunk_size=2, progress=False) == 3
+    lines = full.read_text().splitlines(keepends=True)
+    partial.write_text("".join(lines[:2]) + lines[2][:25])
+    shutil.copy(settings_path(full), settings_path(partial))
+    summary = run_job(llm, infile, partial, GREEDY, progress=False)
+    assert (summary.rows_before, summary.rows_done) == (2, 3)
     assert partial.read_text() == full.read_text()
+    # Rows of another input are not taken for this one's.
+    other = write_jsonl(tmp_path / "other.jsonl", [{"prompt": "x"}, *ROWS[1:]])
+    with pytest.raises(ValueError, match="row 1 does not match the input row"):
+        run_job(llm, other, partial, GREEDY, progress=False)
+    # overwrite starts afresh.
+    summary = run_job(llm, other, partial, GREEDY, overwrite=True, progress=False)
+    assert (summary.rows_before, summary.rows_done) == (0, 5)
+    assert read_jsonl(partial)[0]["prompt"] == "x"
 
 
 def test_generate_cli_errors(tiny, tmp_path, capsys):
@@ -162,7 +157,9 @@ def test_generate_cli_errors(tiny, tmp_path, capsys):
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\nnot json\n{"prompt": "x", "beta": -1}\n')
     base_args = ["generate", "--base", tiny["base"], "--reward-model", tiny["arm_small"],
                  "--output", tmp_path / "out.jsonl"]
-    code, err = run_main(capsys, *base_args, "--input", bad)
+    # --on-error fail: every bad line listed before the engine starts (the default,
+    # continue, writes them as error rows: tests/test_batch_job.py).
+    code, err = run_main(capsys, *base_args, "--input", bad, "--on-error", "fail")
     assert code == 2
     for line in ("line 2: a row needs exactly one of", "line 3: not valid JSON",
                  "line 4: beta must be a finite number > 0"):
@@ -177,5 +174,7 @@ def test_generate_cli_errors(tiny, tmp_path, capsys):
         main([str(a) for a in [*base_args, "--input", good, "--no-such-vllm-flag"]])
     assert "no-such-vllm-flag" in capsys.readouterr().err
     # As a user sees it: a non-zero exit and the message.
-    result = cli(*base_args, "--input", bad)
+    result = cli(*base_args, "--input", bad, "--on-error", "fail")
     assert result.returncode == 2 and "line 4: beta must be" in result.stderr
+    code, err = run_main(capsys, *base_args, "--input", good, "--chunk-size", "8")
+    assert code == 2 and "--chunk-size only apply with --ray" in err

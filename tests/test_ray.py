@@ -7,7 +7,11 @@ vLLM in-process on the tiny models.
 
 import json
 import os
+import random
+import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,8 +26,12 @@ from vllm import SamplingParams  # noqa: E402
 from genarm_vllm import ray_job  # noqa: E402
 from genarm_vllm.batch_job import run_job  # noqa: E402
 from genarm_vllm.cli import main, parse_engine_flags  # noqa: E402
+from genarm_vllm.fingerprint import settings_path  # noqa: E402
+from genarm_vllm.job_progress import JobSummary  # noqa: E402
 from genarm_vllm.runtime import LOCAL_ENV  # noqa: E402
 from genarm_vllm.testing import build_model, build_tokenizer  # noqa: E402
+from batch_rows import (  # noqa: E402, I001
+    build_poison_models, check_poisoned_output, good_rows, read_jsonl, write_poisoned)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ENGINE_FLAGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
@@ -63,13 +71,18 @@ def model_args(tiny):
 
 
 @pytest.fixture(scope="module")
-def reference(engine, tmp_path_factory):
-    """The single-process job's output for ROWS (the in-process engine of the session)."""
+def reference_file(engine, tmp_path_factory):
+    """The single-process job's output file for ROWS (the in-process engine of the session)."""
     folder = tmp_path_factory.mktemp("reference")
     infile = write_jsonl(folder / "in.jsonl", ROWS)
     run_job(engine("arm_small", ["arm_small"], beta=0.5), infile, folder / "out.jsonl", GREEDY,
             progress=False)
-    return (folder / "out.jsonl").read_text()
+    return folder / "out.jsonl"
+
+
+@pytest.fixture(scope="module")
+def reference(reference_file):
+    return reference_file.read_text()
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +99,8 @@ def ray_cluster():
 
 def test_cli_passes_ray_and_engine_flags(tiny, tmp_path, monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(ray_job, "run_ray_job", lambda *a, **kw: calls.append((a, kw)) or 0)
+    monkeypatch.setattr(ray_job, "run_ray_job",
+                        lambda *a, **kw: calls.append((a, kw)) or JobSummary())
     infile = write_jsonl(tmp_path / "in.jsonl", ROWS[:3])
     args = ["generate", "--base", tiny["base"], "--reward-model", tiny["arm_same"],
             "--input", infile, "--output", tmp_path / "out.jsonl", "--temperature", "0"]
@@ -101,7 +115,10 @@ def test_cli_passes_ray_and_engine_flags(tiny, tmp_path, monkeypatch, capsys):
     assert kwargs["vllm_kwargs"] == parse_engine_flags([*tp, *ENGINE_FLAGS])
     assert kwargs["vllm_kwargs"]["tensor_parallel_size"] == 2
     assert kwargs["vllm_kwargs"]["distributed_executor_backend"] == "ray"
-    assert [r["id"] for r in kwargs["rows"]] == ["r0", "r1", "r2"]
+    # The job's fingerprint holds the engine flags that decide the output.
+    assert kwargs["settings"]["engine.max_model_len"] == 256
+    assert kwargs["settings"]["engine.dtype"] == "float32"
+    assert (kwargs["on_error"], kwargs["reorder_buffer"]) == ("continue", 4096)
 
     code = main([str(a) for a in [*args, "--replicas", "2"]])
     assert code == 2 and "--replicas only apply with --ray" in capsys.readouterr().err
@@ -198,10 +215,13 @@ def replica_processes():
 
 @pytest.mark.slow
 def test_killed_worker_and_interrupted_run_lose_and_duplicate_nothing(
-    ray_cluster, reference, tiny, tmp_path
+    ray_cluster, reference, reference_file, tiny, tmp_path
 ):
     infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
     outfile = tmp_path / "out.jsonl"
+    # The single-process job's settings: the Ray job's fingerprint of the same settings
+    # (computed from the arguments, not from an engine) must equal them.
+    shutil.copy(settings_path(reference_file), settings_path(outfile))
     # An earlier run stopped after 4 rows, in the middle of writing the 5th.
     reference_lines = reference.splitlines(keepends=True)
     outfile.write_text("".join(reference_lines[:4]) + reference_lines[4][:30])
@@ -233,5 +253,90 @@ def test_killed_worker_and_interrupted_run_lose_and_duplicate_nothing(
         killer.join()
     assert killed, "no replica was killed"
     assert killed["lines_written"] < len(ROWS), "the kill came after the job's last row"
-    assert added == len(ROWS) - 4
+    assert (added.rows_before, added.rows_done) == (4, len(ROWS) - 4)
     assert outfile.read_text() == reference  # nothing lost, nothing written twice
+
+
+@pytest.mark.slow
+def test_poison_rows_on_ray_give_the_single_process_output(ray_cluster, tiny, engine,
+                                                           tmp_path_factory, tmp_path):
+    models = build_poison_models(tmp_path_factory, tiny)
+    llm = engine("poison", base=models["base"], reward_paths=[models["arm"]])
+    good = good_rows(500)
+    good_out = tmp_path / "good_out.jsonl"
+    run_job(llm, write_jsonl(tmp_path / "good.jsonl", good), good_out, GREEDY, progress=False)
+    folder, expected = write_poisoned(tmp_path / "in", good)  # 8 poison rows, 2 shards
+    single = tmp_path / "single.jsonl"
+    run_job(llm, folder, single, GREEDY, progress=False)
+
+    out = tmp_path / "ray.jsonl"
+    summary = ray_job.run_ray_job(
+        models["base"], [models["arm"]], folder, out, GREEDY,
+        vllm_kwargs=dict(enforce_eager=True, max_model_len=256, dtype="float32"),
+        replicas=1, chunk_size=64, env_vars=ACTOR_ENV, progress=False)
+    assert (summary.rows_done, summary.rows_failed) == (500, 8)
+    check_poisoned_output(read_jsonl(out), read_jsonl(good_out), expected)
+    assert out.read_text() == single.read_text()
+
+
+def driver(args, peak_rss=False):
+    """The CLI as its own driver process (it joins the test cluster)."""
+    code = ("import resource, sys; from genarm_vllm.cli import main; code = main(sys.argv[1:]); "
+            "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); "
+            "sys.exit(code)")
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def ray_args(tiny, infile, outfile, *extra):
+    return ["generate", *model_args(tiny), "--input", infile, "--output", outfile,
+            "--temperature", "0", "--max-tokens", "12", "--ignore-eos", *ENGINE_FLAGS,
+            "--ray", "--address", ray.get_runtime_context().gcs_address, *extra]
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_then_rerun_gives_every_row_once(ray_cluster, reference, tiny,
+                                                              tmp_path):
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    outfile = tmp_path / "out.jsonl"
+    args = ray_args(tiny, infile, outfile, "--replicas", "2", "--chunk-size", "3")
+    process = driver(args)
+    kill_at = random.randint(1, len(ROWS) - 10)
+    while True:
+        lines = outfile.read_bytes().count(b"\n") if outfile.exists() else 0
+        if lines >= kill_at:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            break
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.01)
+    assert lines < len(ROWS), "the kill came after the last row"
+    rerun = driver(args)
+    stdout, stderr = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, stderr[-3000:]
+    assert [json.loads(line)["id"] for line in outfile.read_text().splitlines()] == [
+        r["id"] for r in ROWS]  # every row exactly once
+    assert outfile.read_text() == reference, f"killed at {lines} rows"
+
+
+@pytest.mark.slow
+def test_driver_memory_does_not_grow_with_the_input(ray_cluster, tiny, tmp_path):
+    """10x the rows (1,000 -> 10,000 rows of 10 kB: 10 -> 100 MB of input, and as much
+    output) must raise the driver's peak RSS by well under 2x: here at most 1.25x. The
+    driver used to hold every row twice (dicts and JSON text), about 2 x 100 MB more."""
+    peaks = {}
+    for n in (1000, 10000):
+        rows = [{"id": i, "prompt": "the cat sat", "pad": "x" * 10_000} for i in range(n)]
+        infile = write_jsonl(tmp_path / f"in{n}.jsonl", rows)
+        outfile = tmp_path / f"out{n}.jsonl"
+        args = ray_args(tiny, infile, outfile, "--replicas", "1")
+        args[args.index("--max-tokens") + 1] = "1"
+        process = driver(args)
+        stdout, stderr = process.communicate(timeout=900)
+        assert process.returncode == 0, stderr[-3000:]
+        assert outfile.read_text().count("\n") == n
+        peaks[n] = int(stdout.split("PEAK_RSS_KB")[1].split()[0])
+    ratio = peaks[10000] / peaks[1000]
+    print(f"driver peak RSS: {peaks[1000] / 1024:.0f} MiB (1,000 rows), "
+          f"{peaks[10000] / 1024:.0f} MiB (10,000 rows): {ratio:.2f}x")
+    assert ratio < 1.25, peaks

@@ -1,0 +1,186 @@
+"""The batch job against the no-drain ceiling: does `genarm-vllm generate` keep the engine full?
+
+One GuidedLLM engine (in this process), one set of rows, three ways, measured side by side:
+  (ceiling)  one GuidedLLM.generate call over all rows at once: the engine never drains
+             until the very end (no output written);
+  (job)      batch_job.run_job, the loop `genarm-vllm generate` runs (after its engine start):
+             rows fed one by one into vLLM's engine loop, output written in input order
+             through the reorder buffer, the settings fingerprint, progress accounting;
+  (baseline) the job as it was before: GuidedLLM.generate over chunks of 512 rows, each
+             chunk's output lines written when the chunk ends (the batch drains behind each
+             chunk's longest generation).
+Output lengths spread widely: rows stop at EOS (temperature 1, one seed, so every system
+generates the same tokens), at least --min-tokens and at most --max-tokens. Reports
+generated tokens/s of each and job / ceiling, baseline / ceiling, the length spread and
+the CPU's vector extensions, as JSON and Markdown.
+
+    python benchmarks/batch_job.py --json artifacts/bench_batch/batch_job.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import time
+from pathlib import Path
+
+from genarm_vllm import runtime
+
+runtime.use_local_env(VLLM_CPU_KVCACHE_SPACE="2")
+
+ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=512, seed=0,
+                   enable_prefix_caching=False)  # every system must do all the work
+
+
+def cpu_flags() -> list[str]:
+    """As `grep -o -w -E "avx512f|amx_bf16|avx2" /proc/cpuinfo | sort -u`."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return sorted(flags & {"avx512f", "amx_bf16", "avx2"})
+
+
+def make_rows(count: int, seed: int = 0) -> list[dict]:
+    from genarm_vllm.testing import WORDS
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(count):
+        row = {"id": i, "prompt": " ".join(rng.choices(WORDS, k=rng.randint(4, 24)))}
+        if i % 4 == 1:
+            row["beta"] = rng.choice([0.5, 2.0])  # some rows carry their own guidance
+        rows.append(row)
+    return rows
+
+
+def tokens_of(outputs) -> list[int]:
+    return [len(o.outputs[0].token_ids) for o in outputs]
+
+
+def ceiling(llm, rows, params) -> dict:
+    from genarm_vllm.tokenization import prompt_ids
+
+    tokenizer = llm.get_tokenizer()
+    start = time.perf_counter()
+    prompts = [{"prompt_token_ids": prompt_ids(tokenizer, r["prompt"])} for r in rows]
+    guidance = [{"beta": r["beta"]} if "beta" in r else None for r in rows]
+    lengths = tokens_of(llm.generate(prompts, params, guidance=guidance, use_tqdm=False))
+    return {"seconds": time.perf_counter() - start, "lengths": lengths}
+
+
+def baseline(llm, rows, params, out: Path, chunk_size: int = 512) -> dict:
+    """The job before continuous feeding: one generate call per chunk, lines written after it."""
+    from genarm_vllm.batch_job import output_line
+    from genarm_vllm.tokenization import prompt_ids
+
+    tokenizer = llm.get_tokenizer()
+    lengths = []
+    start = time.perf_counter()
+    with open(out, "w") as f:
+        for at in range(0, len(rows), chunk_size):
+            chunk = rows[at:at + chunk_size]
+            prompts = [{"prompt_token_ids": prompt_ids(tokenizer, r["prompt"])} for r in chunk]
+            guidance = [{"beta": r["beta"]} if "beta" in r else None for r in chunk]
+            results = llm.generate(prompts, params, guidance=guidance, use_tqdm=False)
+            f.writelines(output_line(r, o.outputs[0]) for r, o in zip(chunk, results))
+            f.flush()
+            lengths += tokens_of(results)
+    return {"seconds": time.perf_counter() - start, "lengths": lengths}
+
+
+def job(llm, infile: Path, params, out: Path) -> dict:
+    from genarm_vllm.batch_job import run_job
+
+    start = time.perf_counter()
+    summary = run_job(llm, infile, out, params, overwrite=True, progress=False)
+    seconds = time.perf_counter() - start
+    lengths = [len(json.loads(line)["generated_token_ids"]) for line in open(out)]
+    assert summary.rows_done == len(lengths) and summary.rows_failed == 0
+    return {"seconds": seconds, "lengths": lengths}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--min-tokens", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--base", default=None, help="base model folder (default: a tiny "
+                        "random base built in --work, with its small ARM)")
+    parser.add_argument("--reward-model", default=None, help="ARM folder (with --base)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds of the three systems")
+    parser.add_argument("--work", default="artifacts/bench_batch")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from vllm import SamplingParams
+
+    from genarm_vllm import GuidedLLM
+    from genarm_vllm.testing import build_tiny_family
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.base is None:
+        tiny = build_tiny_family(work / "tiny")
+        base, arm = tiny["base"], tiny["arm_small"]
+    else:
+        base, arm = Path(args.base), Path(args.reward_model)
+    rows = make_rows(args.rows)
+    infile = work / "in.jsonl"
+    infile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = SamplingParams(temperature=1.0, seed=0, min_tokens=args.min_tokens,
+                            max_tokens=args.max_tokens)
+    llm = GuidedLLM(base, [arm], beta=1.0, **ENGINE_ARGS)
+    ceiling(llm, rows[:64], params)  # warm-up
+
+    runs = []
+    for round_ in range(args.repeats):
+        figures = {"ceiling": ceiling(llm, rows, params),
+                   "job": job(llm, infile, params, work / "job_out.jsonl"),
+                   "baseline": baseline(llm, rows, params, work / "baseline_out.jsonl")}
+        for name, f in figures.items():
+            f["tokens"] = sum(f["lengths"])
+            f["tokens_per_s"] = f["tokens"] / f["seconds"]
+            print(f"round {round_ + 1} {name:9s} {f['tokens']} tokens in {f['seconds']:.1f} s: "
+                  f"{f['tokens_per_s']:.1f} tokens/s", flush=True)
+        runs.append(figures)
+    lengths = runs[0]["ceiling"]["lengths"]
+    same_tokens = all(r[name]["lengths"] == lengths for r in runs for name in r)
+
+    def rate(name):
+        return max(r[name]["tokens_per_s"] for r in runs)  # best round of each
+
+    report = {
+        "settings": {"rows": args.rows, "min_tokens": args.min_tokens,
+                     "max_tokens": args.max_tokens, "base": str(base), "reward_model": str(arm),
+                     "engine": ENGINE_ARGS, "repeats": args.repeats,
+                     "threads": runtime.LOCAL_ENV["OMP_NUM_THREADS"]},
+        "machine": {"cpu_flags": cpu_flags(), "processor": platform.processor(),
+                    "max_num_seqs": llm.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs},
+        "lengths": {"min": min(lengths), "median": statistics.median(lengths),
+                    "max": max(lengths), "mean": statistics.mean(lengths),
+                    "same_tokens_in_every_system": same_tokens},
+        "tokens_per_s": {name: rate(name) for name in ("ceiling", "job", "baseline")},
+        "job_over_ceiling": rate("job") / rate("ceiling"),
+        "baseline_over_ceiling": rate("baseline") / rate("ceiling"),
+        "rounds": [{name: {k: v for k, v in f.items() if k != "lengths"} for name, f in r.items()}
+                   for r in runs],
+    }
+    table = ("| system | generated tokens/s | / ceiling |\n|---|---|---|\n" + "".join(
+        f"| {name} | {report['tokens_per_s'][name]:.1f} | "
+        f"{report['tokens_per_s'][name] / report['tokens_per_s']['ceiling']:.3f} |\n"
+        for name in ("ceiling", "job", "baseline")))
+    (work / "batch_job.md").write_text(table)
+    print(table)
+    print(json.dumps({k: report[k] for k in ("machine", "lengths", "job_over_ceiling",
+                                             "baseline_over_ceiling")}, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
