@@ -138,9 +138,11 @@ def main() -> None:
 
     runs = []
     for round_ in range(args.repeats):
-        figures = {"ceiling": ceiling(llm, rows, params),
-                   "job": job(llm, infile, params, work / "job_out.jsonl"),
-                   "baseline": baseline(llm, rows, params, work / "baseline_out.jsonl")}
+        systems = {"ceiling": lambda: ceiling(llm, rows, params),
+                   "job": lambda: job(llm, infile, params, work / "job_out.jsonl"),
+                   "baseline": lambda: baseline(llm, rows, params, work / "baseline_out.jsonl")}
+        order = list(systems)[round_ % 3:] + list(systems)[:round_ % 3]  # no system always first
+        figures = {name: systems[name]() for name in order}
         for name, f in figures.items():
             f["tokens"] = sum(f["lengths"])
             f["tokens_per_s"] = f["tokens"] / f["seconds"]

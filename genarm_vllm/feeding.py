@@ -34,8 +34,13 @@ class EngineFeeder:
     def __init__(self, llm, sampling_params, max_in_flight: int | None = None):
         self.llm = llm
         self.engine = llm.llm.llm_engine
+        from vllm.sampling_params import RequestOutputKind
+
         request_guidance(sampling_params, len(llm.reward_models))  # guidance in extra_args
-        self.sampling_params = sampling_params
+        # One copy for every row without its own guidance (vLLM copies it per request, as
+        # in LLM.generate); final outputs only, as LLM.generate asks.
+        self.sampling_params = sampling_params.clone()
+        self.sampling_params.output_kind = RequestOutputKind.FINAL_ONLY
         max_num_seqs = self.engine.vllm_config.scheduler_config.max_num_seqs
         self.max_in_flight = max_in_flight or IN_FLIGHT_PER_SEQ * max_num_seqs
         self._keys: dict[str, object] = {}  # vLLM request id -> the caller's key
@@ -51,15 +56,10 @@ class EngineFeeder:
 
     def add(self, key, prompt, guidance: dict | None) -> None:
         """Submit one prompt; refusal_types() when vLLM refuses it (the engine goes on)."""
-        from vllm.sampling_params import RequestOutputKind
-
         params = self.sampling_params
         if guidance is not None:
             (resolved,) = resolve_guidance([guidance], 1, self.llm.beta, self.llm.weights)
             params = with_guidance(params, *resolved)
-        else:
-            params = params.clone()
-        params.output_kind = RequestOutputKind.FINAL_ONLY  # as LLM.generate: final output only
         request_id = f"{self._prefix}{next(self._counter)}"
         # Rendered by the LLM's own renderer, exactly as LLM.generate renders a prompt
         # (a private step of vLLM's; raw prompts are still taken where it is missing).

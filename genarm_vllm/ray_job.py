@@ -318,8 +318,10 @@ def run_ray_job(
         context = ray.data.DataContext.get_current()
         context.execution_options.preserve_order = True  # batches come back in input order
         context.enable_progress_bars = progress
+        # Reading takes no CPU reservation: the replicas may hold every CPU of the
+        # cluster, and a read task waiting for one would stall the job.
         dataset = ray.data.read_datasource(
-            numbered_lines_datasource(todo_files, first_index, start))
+            numbered_lines_datasource(todo_files, first_index, start), num_cpus=0)
         dataset = dataset.map_batches(
             _Replica,
             fn_constructor_args=(str(base), reward_models, beta, weights, vllm_kwargs,

@@ -22,7 +22,7 @@ class OrderedWriter:
     """
 
     def __init__(self, path: str | os.PathLike, next_index: int, capacity: int,
-                 sync_seconds: float = 2.0):
+                 sync_seconds: float = 10.0):
         if capacity < 1:
             raise ValueError(f"the reorder buffer needs room for at least 1 row, got {capacity}")
         self.path = Path(path)
