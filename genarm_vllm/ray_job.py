@@ -115,17 +115,27 @@ class _Replica:
 
     def __init__(self, base, reward_models, beta, weights, vllm_kwargs, sampling_params):
         from genarm_vllm.engine import GuidedLLM
-        from genarm_vllm.feeding import EngineFeeder
 
         self.llm = GuidedLLM(base, reward_models, beta=beta, weights=weights, **vllm_kwargs)
-        self.num_reward_models = len(self.llm.reward_models)
-        self.builder = PromptBuilder(self.llm)
-        # Every batch's rows go in: no cap beyond the batches Ray hands this actor.
-        self.feeder = EngineFeeder(self.llm, sampling_params, max_in_flight=2**62)
-        self.submissions: queue.Queue = queue.Queue()
-        self.failure: BaseException | None = None
-        self.batches: set[_Batch] = set()
-        threading.Thread(target=self._engine_loop, daemon=True, name="genarm-engine").start()
+        self.sampling_params = sampling_params
+        self._started = threading.Lock()
+        self.feeder = None
+
+    def _start(self) -> None:
+        """At the first call: the row checks, the feeder and the one engine thread."""
+        from genarm_vllm.feeding import EngineFeeder
+
+        with self._started:
+            if self.feeder is not None:
+                return
+            self.num_reward_models = len(self.llm.reward_models)
+            self.builder = PromptBuilder(self.llm)
+            self.submissions: queue.Queue = queue.Queue()
+            self.failure: BaseException | None = None
+            self.batches: set[_Batch] = set()
+            # Every batch's rows go in: no cap beyond the batches Ray hands this actor.
+            self.feeder = EngineFeeder(self.llm, self.sampling_params, max_in_flight=2**62)
+            threading.Thread(target=self._engine_loop, daemon=True, name="genarm-engine").start()
 
     def _engine_loop(self) -> None:
         """The one thread that touches the engine: adds submitted rows, steps, hands back."""
@@ -159,6 +169,7 @@ class _Replica:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
+        self._start()
         size = len(batch["index"])
         waiting = _Batch(size)
         self.batches.add(waiting)
