@@ -295,12 +295,6 @@ def lora_dtype(model_dtype: torch.dtype, device: torch.device | str | None = Non
     return model_dtype
 
 
-# From this many rows per ARM (prefill), a bf16/fp16 engine's LoRA matmuls run in its own
-# dtype: their fixed per-call cost no longer dominates, while float32 [rows, out] blocks and
-# their casts would (BENCHMARKS.md, "LoRA ARMs").
-LARGE_ROWS = 256
-
-
 class FusedLoRA(nn.Module):
     """The LoRA of one fused vLLM layer (e.g. qkv_proj) of one ARM: the A matrices of its
     targeted sub-modules stacked ([n*r, in]: x @ A^T is one matmul) and one B per
@@ -318,13 +312,10 @@ class FusedLoRA(nn.Module):
     def add_delta(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += x @ (scaling * B A)^T, in place, on the ARM's rows."""
         r = self.r
-        if self.lora_a.dtype == out.dtype or x.shape[0] >= LARGE_ROWS:
-            # Prefill-sized blocks in bf16: the matrices cast to the model dtype (a few
-            # hundred KB), the matmuls in it, no float32 copies of the [rows, out] blocks.
-            a = self.lora_a.to(out.dtype)
-            u = x @ a.t()
+        if self.lora_a.dtype == out.dtype:
+            u = x @ self.lora_a.t()
             for i, ((_, offset, size), b) in enumerate(zip(self.parts, self.lora_b)):
-                out[:, offset:offset + size].addmm_(u[:, i * r:(i + 1) * r], b.to(out.dtype).t())
+                out[:, offset:offset + size].addmm_(u[:, i * r:(i + 1) * r], b.t())
             return
         u = x.to(self.lora_a.dtype) @ self.lora_a.t()  # float32 on CPU: see lora_dtype
         for i, ((_, offset, size), b) in enumerate(zip(self.parts, self.lora_b)):
