@@ -36,6 +36,17 @@ SMALL_ARM_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=
                        num_attention_heads=1, num_key_value_heads=1)
 
 
+# Prompts of the tiny tests: short and long, in the tiny tokenizer's words.
+PROMPTS = [
+    "the cat sat on",
+    "a dog",
+    "happy sun is very warm and bright and the moon is cold",
+    "we",
+    "she saw the big red car on the road and",
+    "they love green trees",
+]
+
+
 def random_corpus(num_lines: int = 400, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))) for _ in range(num_lines)]

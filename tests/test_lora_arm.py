@@ -11,16 +11,8 @@ from vllm import SamplingParams
 
 from genarm_vllm.lora_arm import TARGETS, check_adapter, read_adapter
 from genarm_vllm.reference import ReferenceDecoder
-from genarm_vllm.testing import build_model, build_tokenizer
+from genarm_vllm.testing import PROMPTS, build_model, build_tokenizer
 
-PROMPTS = [
-    "the cat sat on",
-    "a dog",
-    "happy sun is very warm and bright and the moon is cold",
-    "we",
-    "she saw the big red car on the road and",
-    "they love green trees",
-]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 ALL = list(TARGETS)
 
