@@ -25,7 +25,10 @@ def tiny(tmp_path_factory):
 # for the session.
 _ENGINES: dict = {}
 
-TEST_ENGINE_ARGS = dict(enforce_eager=True, max_model_len=256, dtype="float32")
+# 128 MiB of KV cache each (the tiny models need a few MiB): the session keeps every engine
+# alive, and at LOCAL_ENV's 1 GiB apiece they crowded out the subprocess tests' engines.
+TEST_ENGINE_ARGS = dict(enforce_eager=True, max_model_len=256, dtype="float32",
+                        kv_cache_memory_bytes=128 << 20)
 
 
 @pytest.fixture(scope="session")

@@ -149,7 +149,7 @@ def test_kv_capacity_counts_every_model_once(tiny, engine):
     assert (base, arm) == (1024, 512)
     # The cache's bytes shared by all layers of both models: one block of block_size tokens
     # costs (base + arm) bytes per token (a cache per model, nothing duplicated).
-    assert cache.kv_cache_memory_bytes  # set by runtime.LOCAL_ENV's VLLM_CPU_KVCACHE_SPACE
+    assert cache.kv_cache_memory_bytes  # set by conftest.TEST_ENGINE_ARGS
     want = (cache.kv_cache_memory_bytes // (base + arm)) // cache.block_size
     assert cache.num_gpu_blocks == want
 
