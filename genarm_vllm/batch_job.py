@@ -1,7 +1,8 @@
 """The JSONL batch job behind `genarm-vllm generate`.
 
 Input rows: {"prompt": str} or {"messages": [...]} (rendered with the base tokenizer's
-chat template), plus optional per-row "beta" and "weights". The input is one JSONL file,
+chat template), plus optional per-row "beta" and "weights"; the output's own field names
+(OUTPUT_FIELDS) are refused as input fields. The input is one JSONL file,
 or shards: a folder of *.jsonl files or a glob, read in sorted file name order, streamed
 (memory does not grow with the input). Output rows: every input field plus
 "generated_text", "generated_token_ids" and "finish_reason", in input order, in one JSONL
@@ -144,6 +145,11 @@ def parse_line(item: InputLine, num_reward_models: int) -> ParsedLine | None:
     except json.JSONDecodeError as e:
         return ParsedLine({RAW_LINE_FIELD: item.text}, None,
                           RowError("bad JSON", f"not valid JSON ({e})"))
+    reserved = [name for name in OUTPUT_FIELDS if isinstance(row, dict) and name in row]
+    if reserved:  # the output row would overwrite them: keep the line as it is
+        return ParsedLine({RAW_LINE_FIELD: item.text}, None, RowError(
+            "bad row", f"the row holds {', '.join(map(repr, reserved))}, a field the output "
+            f"writes itself ({', '.join(OUTPUT_FIELDS)}); rename or drop it"))
     fields = row if isinstance(row, dict) else {RAW_LINE_FIELD: item.text}
     try:
         check_row(row, num_reward_models)
@@ -275,16 +281,13 @@ def prepare_output(output: Path, settings: dict, files: list[Path], num_reward_m
 
 
 def engine_settings(llm, sampling_params) -> dict:
-    """The fingerprint of a job on a running GuidedLLM (the CLI computes it before starting
-    the engine, from the same settings: fingerprint.job_settings)."""
+    """The fingerprint of a job on a GuidedLLM: from the settings it was made with, as the
+    CLI computes it before starting the engine, so a job the CLI began resumes from Python
+    and back (dtype "auto" stays "auto", on a GPU as on a CPU)."""
     from genarm_vllm.fingerprint import job_settings
 
-    config = llm.llm.llm_engine.model_config
-    return job_settings(config.model, llm.reward_models, llm.beta, llm.weights, sampling_params,
-                        {"dtype": config.dtype, "max_model_len": config.max_model_len,
-                         "quantization": config.quantization, "seed": config.seed,
-                         "tokenizer": None if config.tokenizer == config.model else config.tokenizer,
-                         "revision": config.revision})
+    return job_settings(llm.base, llm.reward_models, llm.beta, llm.weights, sampling_params,
+                        llm.engine_kwargs)
 
 
 # ----------------------------------------------------------------------------- the job

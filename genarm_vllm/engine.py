@@ -39,6 +39,8 @@ class GuidedLLM:
         from vllm import LLM
 
         base = str(base)
+        self.base = base
+        self.engine_kwargs = dict(vllm_engine_kwargs)  # as given (batch-job fingerprints)
         fields, guidance = genarm_fields(base, reward_models, beta, weights)
         self.reward_models, self.beta, self.weights = (
             guidance.reward_models, guidance.beta, guidance.weights

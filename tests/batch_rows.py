@@ -56,6 +56,8 @@ POISON = [
     (json.dumps({"id": "p-extra", "prompt": f"the cat {EXTRA_TOKEN} sat"}),
      "is beyond reward model"),
     (json.dumps({"id": "p-empty", "prompt": ""}), "prompt cannot be empty"),  # vLLM refuses it
+    (json.dumps({"id": "p-reserved", "prompt": "a dog", "error": "mine"}),
+     "the row holds 'error', a field the output writes itself"),
 ]
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from batch_rows import (
+    POISON,
     build_poison_models,
     check_poisoned_output,
     good_rows,
@@ -45,19 +46,23 @@ def poison(tiny, engine, tmp_path_factory):
 
 
 def test_poison_rows_become_error_rows_and_the_job_goes_on(poison, tmp_path, capsys):
-    # 8 poison rows of every kind among 500 good ones (1.6 %), over 2 shards.
+    # 9 poison rows of every kind among 500 good ones (1.8 %), over 2 shards.
     folder, expected = write_poisoned(tmp_path / "in", poison["good"])
     out = tmp_path / "out.jsonl"
     summary = run_job(poison["llm"], folder, out, GREEDY, progress=False)
     rows = read_jsonl(out)
     check_poisoned_output(rows, poison["good_out"], expected)
-    assert (summary.rows_done, summary.rows_failed) == (500, 8)
-    assert summary.failures == {"bad JSON": 1, "bad row": 2, "bad guidance": 2,
+    assert (summary.rows_done, summary.rows_failed) == (500, len(POISON))
+    assert summary.failures == {"bad JSON": 1, "bad row": 3, "bad guidance": 2,
                                 "prompt too long": 1, "id a model cannot embed": 1,
                                 "refused by the engine": 1}
     assert summary.generated_tokens == 500 * GREEDY.max_tokens
-    assert "500 rows done, 8 failed (" in summary.line() and "generated tokens/s" in summary.line()
-    assert next(r for r in rows if "input_line" in r)["input_line"] == "not json {"
+    assert f"500 rows done, {len(POISON)} failed (" in summary.line()
+    assert "generated tokens/s" in summary.line()
+    kept_lines = [r["input_line"] for r in rows if "input_line" in r]
+    assert "not json {" in kept_lines
+    # A row holding an output field name is kept as its line: nothing of it is overwritten.
+    assert json.loads(next(t for t in kept_lines if "p-reserved" in t))["error"] == "mine"
     # A finished job is a no-op, and it keeps the error rows.
     assert run_job(poison["llm"], folder, out, GREEDY, progress=False).rows_written == 0
     assert read_jsonl(out) == rows
@@ -150,6 +155,27 @@ def test_changed_settings_refuse_to_append(engine, tiny, tmp_path, capsys):
     out.write_text(out.read_text().splitlines(keepends=True)[0])
     code = main([str(a) for a in [*cli, "--beta", "0.5"]])
     assert code == 2 and "no settings file" in capsys.readouterr().err
+
+
+def test_the_cli_and_the_python_api_fingerprint_a_job_alike(tiny, monkeypatch):
+    # A job begun by the CLI resumes from Python and back: both fingerprint the settings as
+    # given. On a GPU (no GenARM dtype default), dtype stays "auto" in both.
+    from types import SimpleNamespace
+
+    from genarm_vllm import runtime
+    from genarm_vllm.batch_job import engine_settings
+    from genarm_vllm.cli import parse_engine_flags
+    from genarm_vllm.fingerprint import job_settings
+
+    for gpu in (False, True):
+        monkeypatch.setattr(runtime, "has_gpu", lambda: gpu)
+        cli = job_settings(tiny["base"], [tiny["arm_small"]], None, None, GREEDY,
+                           parse_engine_flags(["--max-model-len", "256"]))
+        llm = SimpleNamespace(base=str(tiny["base"]), reward_models=[str(tiny["arm_small"])],
+                              beta=1.0, weights=[1.0], engine_kwargs={"max_model_len": 256})
+        assert differences(cli, engine_settings(llm, GREEDY)) == []
+        assert cli["engine.dtype"] == ("auto" if gpu else "float32")
+        assert cli["engine.max_model_len"] == 256
 
 
 def cli_process(args, **kwargs):

@@ -31,7 +31,7 @@ from genarm_vllm.job_progress import JobSummary  # noqa: E402
 from genarm_vllm.runtime import LOCAL_ENV  # noqa: E402
 from genarm_vllm.testing import build_model, build_tokenizer  # noqa: E402
 from batch_rows import (  # noqa: E402, I001
-    build_poison_models, check_poisoned_output, good_rows, read_jsonl, write_poisoned)
+    POISON, build_poison_models, check_poisoned_output, good_rows, read_jsonl, write_poisoned)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ENGINE_FLAGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
@@ -265,7 +265,7 @@ def test_poison_rows_on_ray_give_the_single_process_output(ray_cluster, tiny, en
     good = good_rows(500)
     good_out = tmp_path / "good_out.jsonl"
     run_job(llm, write_jsonl(tmp_path / "good.jsonl", good), good_out, GREEDY, progress=False)
-    folder, expected = write_poisoned(tmp_path / "in", good)  # 8 poison rows, 2 shards
+    folder, expected = write_poisoned(tmp_path / "in", good)  # 9 poison rows, 2 shards
     single = tmp_path / "single.jsonl"
     run_job(llm, folder, single, GREEDY, progress=False)
 
@@ -274,7 +274,7 @@ def test_poison_rows_on_ray_give_the_single_process_output(ray_cluster, tiny, en
         models["base"], [models["arm"]], folder, out, GREEDY,
         vllm_kwargs=dict(enforce_eager=True, max_model_len=256, dtype="float32"),
         replicas=1, chunk_size=64, env_vars=ACTOR_ENV, progress=False)
-    assert (summary.rows_done, summary.rows_failed) == (500, 8)
+    assert (summary.rows_done, summary.rows_failed) == (500, len(POISON))
     check_poisoned_output(read_jsonl(out), read_jsonl(good_out), expected)
     assert out.read_text() == single.read_text()
 
