@@ -356,10 +356,11 @@ def run_job(
             lines = read_lines(files, start)
             waiting = next(lines, None)
             while (waiting is not None and stop is None) or feeder.in_flight:
-                while (waiting is not None and stop is None and feeder.has_room()
-                       and writer.has_room(waiting.index)):
-                    stop = submit(waiting)
-                    waiting = next(lines, None)
+                if feeder.wants_rows():  # top up in a bunch (see EngineFeeder.wants_rows)
+                    while (waiting is not None and stop is None and feeder.has_room()
+                           and writer.has_room(waiting.index)):
+                        stop = submit(waiting)
+                        waiting = next(lines, None)
                 # Window full means its first row is still in the engine: never a dead end.
                 for (index, row), result in feeder.step() if feeder.in_flight else ():
                     completion = result.outputs[0]

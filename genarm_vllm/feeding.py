@@ -54,6 +54,12 @@ class EngineFeeder:
     def has_room(self) -> bool:
         return self.in_flight < self.max_in_flight
 
+    def wants_rows(self) -> bool:
+        """Time to top up: a quarter of the window is free. Rows then go in as a bunch, not
+        a few after every step, so the job's own work between steps comes in few, larger
+        gaps (vLLM's waiting queue still holds the rest of the window)."""
+        return self.in_flight <= self.max_in_flight - max(1, self.max_in_flight // 4)
+
     def add(self, key, prompt, guidance: dict | None) -> None:
         """Submit one prompt; refusal_types() when vLLM refuses it (the engine goes on)."""
         params = self.sampling_params
