@@ -9,12 +9,14 @@ cd "$ROOT"
 PYTEST=("$ROOT/.venv/bin/python" -m pytest -ra --timeout=1200)
 set +e
 for arg in "$@"; do
-  case "$arg" in tests/*|./tests/*)  # the user named what to run: one pytest, as asked
+  # An argument naming a path (tests, tests/test_x.py, tests/test_x.py::name, an absolute
+  # path): the user named what to run, so one pytest over it, as asked.
+  if [[ "$arg" != -* && -e "${arg%%::*}" ]]; then
     "${PYTEST[@]}" "$@"; status=$?
     # pytest exits 5 when it collected no tests: that must fail, not pass silently.
     if [ "$status" -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi
-    exit "$status";;
-  esac
+    exit "$status"
+  fi
 done
 # One pytest process per test file: in-process vLLM engines cannot be freed (see
 # tests/conftest.py), and all of them in one process (~20 GB) left too little memory for
