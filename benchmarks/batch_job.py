@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import statistics
@@ -194,6 +193,8 @@ def main() -> None:
         Path(args.figures).write_text(json.dumps(measure_one(args)))
         return
 
+    import vllm.envs as vllm_envs  # vLLM's own reading of its switches
+
     from genarm_vllm.testing import build_tiny_family
 
     work = Path(args.work)
@@ -236,8 +237,7 @@ def main() -> None:
                      "reward_model": str(args.reward_model),
                      "engine": ENGINE_ARGS, "repeats": args.repeats,
                      "a_process_and_fresh_engine_per_run": True,
-                     "engine_core_in_own_process":
-                         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1",
+                     "engine_core_in_own_process": vllm_envs.VLLM_ENABLE_V1_MULTIPROCESSING,
                      "threads": runtime.LOCAL_ENV["OMP_NUM_THREADS"]},
         "machine": {"cpu_flags": cpu_flags(), "processor": platform.processor(),
                     "max_num_seqs": runs[0]["ceiling"]["max_num_seqs"]},
