@@ -1,7 +1,10 @@
 """Inputs for the batch-job tests (single process and Ray): good rows and poison rows."""
 
 import json
+import os
 import random
+import signal
+import time
 from pathlib import Path
 
 from genarm_vllm.testing import SMALL_ARM_SHAPE, WORDS, build_model, with_added_tokens
@@ -104,3 +107,19 @@ def check_poisoned_output(out_rows, good_out_rows, expected):
         file, line = location.rsplit(" line ", 1)
         assert reason.find(expected[(Path(file).name, int(line))]) >= 0, (row, expected)
         assert "generated_text" not in row
+
+
+def kill_when_lines(process, path, at_least, timeout=300):
+    """SIGKILL `process` once `path` holds `at_least` complete lines; the count then."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = path.read_bytes().count(b"\n") if path.exists() else 0
+        if lines >= at_least:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            return lines
+        if process.poll() is not None:
+            raise AssertionError("the job ended before the kill: " + process.stderr.read()[-2000:])
+        time.sleep(0.01)
+    process.kill()
+    raise AssertionError("timed out waiting for output")

@@ -2,12 +2,9 @@
 buffer, the settings fingerprint, a kill -9 at a random point and the re-run."""
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +13,7 @@ from batch_rows import (
     build_poison_models,
     check_poisoned_output,
     good_rows,
+    kill_when_lines,
     read_jsonl,
     write_jsonl,
     write_poisoned,
@@ -181,22 +179,6 @@ def test_the_cli_and_the_python_api_fingerprint_a_job_alike(tiny, monkeypatch):
 def cli_process(args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "genarm_vllm.cli", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
-def kill_when_lines(process, path, at_least, timeout=300):
-    """SIGKILL `process` once `path` holds `at_least` complete lines; the count then."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        lines = path.read_bytes().count(b"\n") if path.exists() else 0
-        if lines >= at_least:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            return lines
-        if process.poll() is not None:
-            raise AssertionError("the job ended before the kill: " + process.stderr.read()[-2000:])
-        time.sleep(0.01)
-    process.kill()
-    raise AssertionError("timed out waiting for output")
 
 
 @pytest.mark.slow

@@ -31,7 +31,8 @@ from genarm_vllm.job_progress import JobSummary  # noqa: E402
 from genarm_vllm.runtime import LOCAL_ENV  # noqa: E402
 from genarm_vllm.testing import build_model, build_tokenizer  # noqa: E402
 from batch_rows import (  # noqa: E402, I001
-    POISON, build_poison_models, check_poisoned_output, good_rows, read_jsonl, write_poisoned)
+    POISON, build_poison_models, check_poisoned_output, good_rows, kill_when_lines, read_jsonl,
+    write_poisoned)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ENGINE_FLAGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
@@ -299,17 +300,12 @@ def test_kill_9_of_the_driver_then_rerun_gives_every_row_once(ray_cluster, refer
                                                               tmp_path):
     infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
     outfile = tmp_path / "out.jsonl"
-    args = ray_args(tiny, infile, outfile, "--replicas", "2", "--chunk-size", "3")
-    process = driver(args)
+    # Few sequences at once per replica: rows trickle out (all at once, the output could
+    # jump past the kill point to the last row between two looks at the file).
+    args = ray_args(tiny, infile, outfile, "--replicas", "2", "--chunk-size", "3",
+                    "--max-num-seqs", "2")
     kill_at = random.randint(1, len(ROWS) - 10)
-    while True:
-        lines = outfile.read_bytes().count(b"\n") if outfile.exists() else 0
-        if lines >= kill_at:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            break
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        time.sleep(0.01)
+    lines = kill_when_lines(driver(args), outfile, kill_at, timeout=600)
     assert lines < len(ROWS), "the kill came after the last row"
     rerun = driver(args)
     stdout, stderr = rerun.communicate(timeout=600)
