@@ -75,12 +75,17 @@ class JobProgress:
         self.bar.update(rows)
         now = time.monotonic()
         if now - self._shown > 0.5:  # postfix at most twice a second: it redraws the bar
-            self._shown = now
-            self.bar.set_postfix_str(
-                f"{self.summary.generated_tokens / max(now - self._start, 1e-9):.0f} tok/s"
-                + (f", {self.summary.rows_failed} failed" if self.summary.rows_failed else ""))
+            self._show_rates(now)
+
+    def _show_rates(self, now: float) -> None:
+        self._shown = now
+        self.bar.set_postfix_str(
+            f"{self.summary.generated_tokens / max(now - self._start, 1e-9):.0f} tok/s"
+            + (f", {self.summary.rows_failed} failed" if self.summary.rows_failed else ""))
 
     def close(self) -> JobSummary:
-        self.summary.seconds = time.monotonic() - self._start
+        now = time.monotonic()
+        self.summary.seconds = now - self._start
+        self._show_rates(now)  # the bar's last state shows the job's rates, not a stale one
         self.bar.close()
         return self.summary

@@ -23,6 +23,7 @@ from vllm import SamplingParams
 from genarm_vllm.batch_job import run_job
 from genarm_vllm.cli import main
 from genarm_vllm.fingerprint import differences, settings_path
+from genarm_vllm.job_progress import JobProgress
 from genarm_vllm.reorder import OrderedWriter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -110,6 +111,19 @@ def test_ordered_writer_holds_at_most_its_capacity(tmp_path):
         assert writer.put(12, "again\n") == 0  # a position given twice is written once
         assert writer.next_index == 13 and writer.peak_pending == 3  # 10 joins 11, 12
     assert path.read_text() == "a\nc\n"
+
+
+def test_the_progress_bar_ends_on_the_jobs_rates(capsys):
+    # A job shorter than the bar's update interval used to end on "0 tok/s".
+    progress = JobProgress(total=3, rows_before=0)
+    progress.done(tokens=40)
+    progress.failed("bad JSON", "in.jsonl line 2: not valid JSON")
+    progress.done(tokens=20)
+    summary = progress.close()
+    last_draw = capsys.readouterr().err.split("\r")[-1]
+    assert "3/3" in last_draw and "1 failed" in last_draw and " 0 tok/s" not in last_draw
+    assert (summary.rows_done, summary.rows_failed, summary.generated_tokens) == (2, 1, 60)
+    assert "2 rows done, 1 failed (1 bad JSON); 60 tokens generated" in summary.line()
 
 
 def test_changed_settings_refuse_to_append(engine, tiny, tmp_path, capsys):
