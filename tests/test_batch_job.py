@@ -114,7 +114,8 @@ def test_ordered_writer_holds_at_most_its_capacity(tmp_path):
 
 
 def test_the_progress_bar_ends_on_the_jobs_rates(capsys):
-    # A job shorter than the bar's update interval used to end on "0 tok/s".
+    # The rates are redrawn at most twice a second, so a short job used to end on stale
+    # ones: "0 tok/s" from the first row, or no failure count.
     progress = JobProgress(total=3, rows_before=0)
     progress.done(tokens=40)
     progress.failed("bad JSON", "in.jsonl line 2: not valid JSON")
