@@ -47,6 +47,6 @@ setup(
         "console_scripts": ["genarm-vllm=genarm_vllm.cli:main"],
         # Runs in every vLLM process (engine core, API server workers) and
         # registers the composite GenARM architecture.
-        "vllm.general_plugins": ["genarm=genarm_vllm.plugin:register"],
+        "vllm.general_plugins": ["genarm=genarm_vllm.engine.plugin:register"],
     },
 )

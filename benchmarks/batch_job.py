@@ -116,7 +116,7 @@ def ceiling(llm, rows, params) -> dict:
 
 def baseline(llm, rows, params, out: Path, chunk_size: int = 512) -> dict:
     """The job before continuous feeding: one generate call per chunk, lines written after it."""
-    from genarm_vllm.batch_job import output_line
+    from genarm_vllm.jobs.batch import output_line
     from genarm_vllm.tokenization import prompt_ids
 
     tokenizer = llm.get_tokenizer()
@@ -135,7 +135,7 @@ def baseline(llm, rows, params, out: Path, chunk_size: int = 512) -> dict:
 
 
 def job(llm, infile: Path, params, out: Path) -> dict:
-    from genarm_vllm.batch_job import run_job
+    from genarm_vllm.jobs.batch import run_job
 
     start = time.perf_counter()
     summary = run_job(llm, infile, out, params, overwrite=True, progress=False)

@@ -9,7 +9,7 @@ import sys; sys.path.insert(0, "benchmarks")
 from genarm_vllm.runtime import use_local_env; use_local_env()
 import throughput as t
 from genarm_vllm import GuidedLLM
-from genarm_vllm.validation import tokenizer_length
+from genarm_vllm.engine.validation import tokenizer_length
 t.BENCHMARK_ENGINE_ARGS["dtype"] = "bfloat16"
 base = t._default_base()
 llm = GuidedLLM(base, [base], beta=1.0, **t.BENCHMARK_ENGINE_ARGS)

@@ -13,7 +13,7 @@ bound 1 / (1/a + 1/b), (c) / (d), (c) / (e) and (c_het) / (c).
     python benchmarks/throughput.py --json artifacts/bench/full.json      # the full sweep
     python benchmarks/throughput.py --lora --dtype bfloat16 --json artifacts/bench/lora_bf16.json
 
---lora measures a LoRA ARM on the base's own weights (genarm_vllm/lora_arm.py) instead: the
+--lora measures a LoRA ARM on the base's own weights (genarm_vllm/engine/lora_arm.py) instead: the
 demo's sentiment adapter on SmolLM2-135M-Instruct, batch 1, 8, 64, in one run against
 (a) plain vLLM base only, (b) plain vLLM with the merged ARM only, (c) the GenARM engine with
 the merged ARM (two weight copies) and (L) the GenARM engine with the adapter (one copy);
@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from genarm_vllm import runtime
+from genarm_vllm.engine import defaults
 
 # In-process engines, no hub; 2 GiB of KV cache (batch 128 of the SmolLM2 pair). The thread
 # count is --threads, set in main() before torch is imported.
@@ -50,7 +51,7 @@ BENCHMARK_ENGINE_ARGS = dict(dtype="float32", enforce_eager=True, max_model_len=
 
 def vllm_engine_kwargs() -> dict:
     """What every vLLM system runs: GuidedLLM's defaults, then this benchmark's settings."""
-    return {**runtime.engine_defaults(), **BENCHMARK_ENGINE_ARGS}
+    return {**defaults.engine_defaults(), **BENCHMARK_ENGINE_ARGS}
 
 
 def truncated_copy(model_dir: Path, num_layers: int, out: Path) -> Path:
@@ -110,7 +111,7 @@ def run(args) -> list[dict]:
 
     from genarm_vllm import GuidedLLM
     from genarm_vllm.reference import ReferenceDecoder
-    from genarm_vllm.validation import tokenizer_length
+    from genarm_vllm.engine.validation import tokenizer_length
 
     base = Path(args.base) if args.base else _default_base()
     arms = {"same": base}
@@ -178,11 +179,11 @@ def profile_breakdown(guided, prompts, output_len, guidance=None) -> dict:
     (sampling, scheduling, input preparation, detokenization). In-process engines only."""
     from vllm import SamplingParams
 
-    from genarm_vllm.logits_processor import GenARMLogitsProcessor
+    from genarm_vllm.engine.logits_processor import GenARMLogitsProcessorV1 as GenARMLogitsProcessor
 
     model = guided.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
     parts = {"base_forward": model.base}
-    parts.update({f"{name}_forward": getattr(model, name) for name in model.reward_model_names})
+    parts.update({f"{arm.name}_forward": arm.module for arm in model.arms})
     timers = {}
     for key, module in parts.items():
         timers[key] = module.forward = _Timer(module.forward)
@@ -238,8 +239,11 @@ def run_lora(args) -> list[dict]:
     from genarm_vllm import GuidedLLM
     from genarm_vllm.demo.arms import ADAPTER, ARM_ROOT, build
     from genarm_vllm.demo.common import ASSETS
-    from genarm_vllm.validation import tokenizer_length
+    from genarm_vllm.engine.validation import tokenizer_length
 
+    from genarm_vllm.testing import record_loaded_parameter_bytes
+
+    record_loaded_parameter_bytes()
     base = Path(args.base) if args.base else _default_base()
     adapter = ASSETS / "sentiment" / ADAPTER
     merged = build("sentiment", base, ARM_ROOT / "sentiment")  # the demo's merged copy

@@ -9,7 +9,7 @@ def __getattr__(name):
     # Lazy: importing genarm_vllm must not import vLLM (the reference decoder and the
     # training code work without it).
     if name == "GuidedLLM":
-        from genarm_vllm.engine import GuidedLLM
+        from genarm_vllm.engine.llm import GuidedLLM
 
         return GuidedLLM
     if name == "ReferenceDecoder":

@@ -24,14 +24,14 @@ def pack(
     weights: Sequence[float] | None = None,
 ) -> Path:
     """Write a bundle folder at `out` (see module doc) and return its path."""
-    from genarm_vllm.validation import check_reward_models
+    from genarm_vllm.engine.validation import check_reward_models
 
     base, out = Path(base).resolve(), Path(out)
     if not (base / "config.json").is_file():
         raise ValueError(f"base model folder {base} has no config.json")
     for path in reward_models:
         # A full model folder, or a PEFT LoRA adapter folder trained on the base
-        # (genarm_vllm/lora_arm.py: it runs on the base's own weights).
+        # (genarm_vllm/engine/lora_arm.py: it runs on the base's own weights).
         if not ((Path(path) / "config.json").is_file()
                 or (Path(path) / "adapter_config.json").is_file()):
             raise ValueError(f"reward model folder {path} has no config.json "

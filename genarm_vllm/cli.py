@@ -87,9 +87,9 @@ RAY_FLAGS = ("replicas", "address", "gpus_per_replica", "cpus_per_replica", "chu
 
 
 def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
-    from genarm_vllm.batch_job import check_input, count_rows, input_files, prepare_output
-    from genarm_vllm.fingerprint import job_settings
     from genarm_vllm.guidance import check_weights, read_bundle
+    from genarm_vllm.jobs.batch import check_input, count_rows, input_files, prepare_output
+    from genarm_vllm.jobs.fingerprint import job_settings
 
     bundle = read_bundle(args.base)
     num_reward_models = len(args.reward_model or (bundle or {}).get("genarm_reward_models") or [])
@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
     job_options = dict(settings=settings, on_error=args.on_error,
                        reorder_buffer=args.reorder_buffer)
     if args.ray:
-        from genarm_vllm.ray_job import run_ray_job
+        from genarm_vllm.jobs.ray_job import run_ray_job
 
         summary = run_ray_job(
             args.base, args.reward_model, args.input, args.output, sampling_params,
@@ -133,8 +133,8 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
             **ray_options,
         )
     else:
-        from genarm_vllm.batch_job import run_job
-        from genarm_vllm.engine import GuidedLLM
+        from genarm_vllm.engine.llm import GuidedLLM
+        from genarm_vllm.jobs.batch import run_job
 
         llm = GuidedLLM(args.base, args.reward_model, beta=args.beta, weights=args.weights,
                         **vllm_kwargs)
@@ -181,8 +181,17 @@ def add_train_arm_parser(sub) -> None:
     """The train-arm sub-command. Option defaults are unset (None) so that cmd_train_arm
     passes only the flags given: they override --recipe, which overrides TrainOptions."""
     from genarm_vllm.train import (
-        ADAPTER_DIR, CHECKPOINT_DIR, DEFAULT_LR, DEVICES, METRICS_FILE, MODES, PRECISIONS,
-        RECIPES, REPORT_TO, SCHEDULERS, TrainOptions,
+        ADAPTER_DIR,
+        CHECKPOINT_DIR,
+        DEFAULT_LR,
+        DEVICES,
+        METRICS_FILE,
+        MODES,
+        PRECISIONS,
+        RECIPES,
+        REPORT_TO,
+        SCHEDULERS,
+        TrainOptions,
     )
 
     d = TrainOptions()

@@ -11,10 +11,12 @@ z differs from the formula above by a per-row constant, which the sampler's soft
 top-k / top-p and vLLM's log-prob normalisation all ignore. That saves a log-softmax per
 model per step (the decoding distribution and returned logprobs are unchanged).
 
-The rule itself is `combine_scores`; `mix_logits` applies it to raw logits and is what
-everything that decodes with GenARM calls (the vLLM engine, the Hugging Face reference
-decoder, benchmarks, tests). The engine keeps the truncated logits of a step
-(`tokenizer_columns`) so that per-request guidance only re-runs `combine_scores`.
+The rule itself is `combine_scores`, on each model's float32 scores of the tokenizer's ids
+(`tokenizer_scores`) and one coefficient w_i / beta per reward model and row
+(`guidance_coefficients`). `mix_logits` applies it to raw logits in one call (the Hugging
+Face reference decoder, benchmarks, tests). The vLLM engine keeps each step's
+`tokenizer_scores` (engine/step_logits.py) and calls `combine_scores` itself: once with the
+engine's default guidance, and again, in place, for requests that carry their own.
 What users may ask for (beta, weights) is checked in guidance.py.
 """
 
@@ -48,34 +50,35 @@ def mix_logits(
         >= V, and ids that some reward model does not have, are -inf.
     """
     return combine_scores(
-        tokenizer_columns(base_logits, vocab_size),
-        [tokenizer_columns(logits, vocab_size) for logits in reward_logits],
-        beta,
-        weights,
+        tokenizer_scores(base_logits, vocab_size),
+        [tokenizer_scores(logits, vocab_size) for logits in reward_logits],
+        guidance_coefficients(beta, weights),
         width=base_logits.shape[-1],
     )
 
 
-def tokenizer_columns(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A model's float32 logits of the ids below the tokenizer length: [N, min(V, Vi)].
-
-    Its log-probs up to a per-row constant (see the module doc).
-    """
+def tokenizer_scores(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A float32 copy of a model's logits of the ids below the tokenizer length:
+    [N, min(V, Vi)], its log-probs up to a per-row constant (see the module doc)."""
     return logits[:, :vocab_size].float()
+
+
+def guidance_coefficients(beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Each reward model's coefficient w_i / beta per row: [N, K] from beta [N], weights [N, K]."""
+    return weights.float() / beta.float().unsqueeze(-1)
 
 
 def combine_scores(
     base_scores: torch.Tensor,
     reward_scores: Sequence[torch.Tensor],
-    beta: torch.Tensor,
-    weights: torch.Tensor,
+    coefficients: torch.Tensor,
     width: int,
     *,
     in_place: bool = False,
 ) -> torch.Tensor:
-    """The GenARM rule: base + sum_i (w_i / beta) * arm_i.
+    """The GenARM rule: base + sum_i c_i * arm_i, with c_i = w_i / beta (guidance_coefficients).
 
-    Inputs are log-probs up to a per-row constant each (tokenizer_columns), the output too.
+    Inputs are log-probs up to a per-row constant each (tokenizer_scores), the output too.
 
     Returns [N, width]; ids the base lacks, and ids any reward model lacks, are -inf,
     whatever the weights: every model reads the sampled token at the next step, so an id
@@ -84,9 +87,9 @@ def combine_scores(
     With in_place=True the reward terms are added to `base_scores` itself, which must
     already be [N, width] (the engine re-mixing vLLM's logits without a copy).
     """
-    if len(reward_scores) != weights.shape[-1]:
+    if len(reward_scores) != coefficients.shape[-1]:
         raise ValueError(
-            f"got {len(reward_scores)} reward models but {weights.shape[-1]} weights per row"
+            f"got {len(reward_scores)} reward models but {coefficients.shape[-1]} weights per row"
         )
     num_rows, base_width = base_scores.shape
     if in_place:
@@ -96,7 +99,6 @@ def combine_scores(
     else:
         mixed = base_scores.new_full((num_rows, width), -math.inf)
         mixed[:, :base_width] = base_scores
-    coefficients = weights.float() / beta.float().unsqueeze(-1)  # [N, K]
     for i, scores in enumerate(reward_scores):
         coefficient = coefficients[:, i : i + 1]
         shared = min(base_width, scores.shape[-1])

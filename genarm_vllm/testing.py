@@ -145,3 +145,22 @@ def build_tiny_family(root: str | Path) -> dict[str, Path]:
                                  hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                  num_attention_heads=2, num_key_value_heads=1),
     }
+
+
+def record_loaded_parameter_bytes() -> None:
+    """From now on, every GenARM model built in this process notes `loaded_parameter_bytes`:
+    the bytes of its parameters right after loading, before vLLM's CPU repacking leaves empty
+    placeholders behind (tests and benchmarks compare the weight memory of engines)."""
+    from genarm_vllm.engine.model import GenARMForCausalLM
+
+    load = GenARMForCausalLM.load_weights
+    if getattr(load, "records_bytes", False):
+        return
+
+    def load_weights(self, weights):
+        loaded = load(self, weights)
+        self.loaded_parameter_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        return loaded
+
+    load_weights.records_bytes = True
+    GenARMForCausalLM.load_weights = load_weights

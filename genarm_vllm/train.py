@@ -720,7 +720,7 @@ def train_arm(init: str | Path, data: str | Path, out: str | Path, *, progress: 
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from genarm_vllm.validation import check_same_tokenizer
+    from genarm_vllm.engine.validation import check_same_tokenizer
 
     # Cheap checks first: bad options, tokenizers or rows fail before the model loads.
     try:

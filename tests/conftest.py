@@ -10,6 +10,7 @@ from genarm_vllm.testing import (  # noqa: E402
     build_model,
     build_tiny_family,
     build_tokenizer,
+    record_loaded_parameter_bytes,
     with_added_tokens,
 )
 
@@ -49,6 +50,8 @@ def engine(tiny):
                 _ENGINES[key] = LLM(model=model, **kwargs)
             else:
                 from genarm_vllm import GuidedLLM
+
+                record_loaded_parameter_bytes()  # for tests of weight memory
 
                 reward_paths = reward_paths or [tiny[a] for a in arms]
                 _ENGINES[key] = GuidedLLM(base or tiny["base"], reward_paths, **kwargs)

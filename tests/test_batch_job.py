@@ -20,11 +20,11 @@ from batch_rows import (
 )
 from vllm import SamplingParams
 
-from genarm_vllm.batch_job import run_job
+from genarm_vllm.jobs.batch import run_job
 from genarm_vllm.cli import main
-from genarm_vllm.fingerprint import differences, settings_path
-from genarm_vllm.job_progress import JobProgress
-from genarm_vllm.reorder import OrderedWriter
+from genarm_vllm.jobs.fingerprint import differences, settings_path
+from genarm_vllm.jobs.progress import JobProgress
+from genarm_vllm.jobs.reorder import OrderedWriter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -176,9 +176,9 @@ def test_the_cli_and_the_python_api_fingerprint_a_job_alike(tiny, monkeypatch):
     from types import SimpleNamespace
 
     from genarm_vllm import runtime
-    from genarm_vllm.batch_job import engine_settings
+    from genarm_vllm.jobs.batch import engine_settings
     from genarm_vllm.cli import parse_engine_flags
-    from genarm_vllm.fingerprint import job_settings
+    from genarm_vllm.jobs.fingerprint import job_settings
 
     for gpu in (False, True):
         monkeypatch.setattr(runtime, "has_gpu", lambda: gpu)

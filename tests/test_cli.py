@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from vllm import SamplingParams
 
-from genarm_vllm.batch_job import run_job
+from genarm_vllm.jobs.batch import run_job
 from genarm_vllm.cli import main
-from genarm_vllm.fingerprint import settings_path
+from genarm_vllm.jobs.fingerprint import settings_path
 from genarm_vllm.testing import build_model, build_tokenizer
 from genarm_vllm.tokenization import prompt_ids
 

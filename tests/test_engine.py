@@ -193,26 +193,26 @@ def test_load_time_errors(tiny, tmp_path):
 
 
 def test_engine_defaults_fit_every_model(tiny, tmp_path, monkeypatch):
-    from genarm_vllm import runtime
+    from genarm_vllm.engine import defaults
 
     short = build_model(tmp_path / "short", build_tokenizer(tmp_path / "tok"),
                         max_position_embeddings=128)
     base = str(tiny["base"])
-    from genarm_vllm.validation import max_positions
+    from genarm_vllm.engine.validation import max_positions
 
     assert max_positions(base) == 512
     # The shortest context of all models, unless the user chose; none when no ARM is shorter.
-    assert runtime.engine_defaults(base, [str(short)])["max_model_len"] == 128
-    assert "max_model_len" not in runtime.engine_defaults(base, [str(short)], {"max_model_len": 64})
-    assert "max_model_len" not in runtime.engine_defaults(base, [str(tiny["arm_small"])])
+    assert defaults.engine_defaults(base, [str(short)])["max_model_len"] == 128
+    assert "max_model_len" not in defaults.engine_defaults(base, [str(short)], {"max_model_len": 64})
+    assert "max_model_len" not in defaults.engine_defaults(base, [str(tiny["arm_small"])])
     # CPU: a stated share of the available memory for the KV cache, unless the env sets it.
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     import psutil
 
-    kv = runtime.engine_defaults(base, [str(short)])["kv_cache_memory_bytes"]
-    assert 0.5 < kv / (psutil.virtual_memory().available * runtime.CPU_KV_CACHE_SHARE) < 1.5
+    kv = defaults.engine_defaults(base, [str(short)])["kv_cache_memory_bytes"]
+    assert 0.5 < kv / (psutil.virtual_memory().available * defaults.CPU_KV_CACHE_SHARE) < 1.5
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    assert "kv_cache_memory_bytes" not in runtime.engine_defaults(base, [str(short)])
+    assert "kv_cache_memory_bytes" not in defaults.engine_defaults(base, [str(short)])
 
 
 def test_short_context_arm_runs_without_max_model_len(tiny, engine, tmp_path_factory):
@@ -257,7 +257,7 @@ def test_plain_vllm_llm_on_a_bundle(padded_pair, engine, tmp_path_factory):
     from vllm.exceptions import VLLMValidationError
 
     from genarm_vllm.bundle import pack
-    from genarm_vllm.logits_processor import GenARMLogitsProcessor
+    from genarm_vllm.engine.logits_processor import GenARMLogitsProcessor
 
     models, extra_id = padded_pair
     bundle = pack(models["base_plus"], [models["arm"]], tmp_path_factory.mktemp("b") / "bundle",
@@ -265,7 +265,7 @@ def test_plain_vllm_llm_on_a_bundle(padded_pair, engine, tmp_path_factory):
     llm = engine("plain bundle", plain=True, model=str(bundle),
                  logits_processors=[GenARMLogitsProcessor])
     config = llm.llm_engine.vllm_config.model_config
-    assert config.logits_processors == ["genarm_vllm.logits_processor:GenARMLogitsProcessor_1rm_v1"]
+    assert config.logits_processors == ["genarm_vllm.engine.logits_processor:GenARMLogitsProcessor_1rm_v1"]
     guided = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
                             extra_args={"genarm_beta": 0.25, "genarm_weights": [-1.0]})
     want = ReferenceDecoder(models["base_plus"], [models["arm"]], beta=0.25, weights=[-1.0])
@@ -293,7 +293,7 @@ def test_returned_logprobs_mean_what_the_readme_says(tiny, engine):
 
     from genarm_vllm.mixing import mix_logits
     from genarm_vllm.reference import top_k_top_p_filter
-    from genarm_vllm.validation import tokenizer_length
+    from genarm_vllm.engine.validation import tokenizer_length
 
     llm = engine("arm_small", ["arm_small"], beta=0.5)
     params = SamplingParams(temperature=0.5, top_k=3, max_tokens=1, logprobs=3,

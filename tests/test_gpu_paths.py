@@ -7,8 +7,8 @@ import torch
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from genarm_vllm import GuidedLLM
-from genarm_vllm.model import _use_safe_attention_backend
-from genarm_vllm.validation import choose_attention_backend, head_size
+from genarm_vllm.engine.model import _use_safe_attention_backend
+from genarm_vllm.engine.validation import choose_attention_backend, head_size
 
 
 def test_attention_backend_is_safe_for_every_head_size():
@@ -75,11 +75,11 @@ def test_processor_module_imports_no_model_code():
     code = (
         "import sys, vllm.v1.sample.logits_processor, vllm.v1.worker.gpu.sample.logits_processor\n"
         "before = set(sys.modules)\n"
-        "import genarm_vllm.logits_processor\n"
+        "import genarm_vllm.engine.logits_processor\n"
         "print(sorted(set(sys.modules) - before))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     loaded = eval(done.stdout.strip().splitlines()[-1])
     assert not [m for m in loaded if not m.startswith("genarm_vllm")], loaded
-    assert "genarm_vllm.model" not in loaded and "genarm_vllm.validation" not in loaded
+    assert "genarm_vllm.engine.model" not in loaded and "genarm_vllm.engine.validation" not in loaded

@@ -19,9 +19,15 @@ from vllm.v1.worker.gpu.sample.logits_processor.loader import (
     build_custom_logits_processors_params_validator,
 )
 
-import genarm_vllm.step_logits as genarm_model
-from genarm_vllm.logits_processor import GenARMLogitsProcessor, is_genarm_processor, processor_for
-from genarm_vllm.mixing import mix_logits, tokenizer_columns
+import genarm_vllm.engine.step_logits as genarm_model
+from genarm_vllm.engine.logits_processor import (
+    GenARMLogitsProcessor,
+    GenARMLogitsProcessorV1,
+    GenARMLogitsProcessorV2,
+    is_genarm_processor,
+    processor_for,
+)
+from genarm_vllm.mixing import mix_logits, tokenizer_scores
 
 VOCAB, WIDTH, DEFAULT_BETA, DEFAULT_WEIGHTS = 40, 44, 1.0, [1.0, 0.5]
 
@@ -57,7 +63,7 @@ class Step:
         self.arms = [torch.randn(rows, WIDTH, generator=g) * 3,
                      torch.randn(rows, VOCAB - 5 if small_arm else WIDTH, generator=g) * 3]
         step = genarm_model.StepLogits(
-            tokenizer_columns(self.base, VOCAB), [tokenizer_columns(a, VOCAB) for a in self.arms],
+            tokenizer_scores(self.base, VOCAB), [tokenizer_scores(a, VOCAB) for a in self.arms],
             WIDTH, torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
         )
         genarm_model.publish_step_logits(CONFIG, step)
@@ -83,7 +89,7 @@ def test_v2_interface_through_vllms_loader(small_arm, host_buffers):
                                  all_token_ids=None, prompt_len=None, prefill_len=None,
                                  total_len=None)
     [proc] = build_custom_logits_processors(CONFIG, req_states, False,
-                                            (GenARMLogitsProcessor,))
+                                            (GenARMLogitsProcessorV2,))
     assert proc.add_request(3, guided(0.5, [2.0, -1.0])) is True
     assert proc.add_request(0, guided()) is False  # engine defaults: nothing to re-mix
     assert proc.add_request(5, guided(weights=[0.0, 0.0])) is True
@@ -122,7 +128,7 @@ def test_v2_interface_through_vllms_loader(small_arm, host_buffers):
 
 @pytest.mark.parametrize("small_arm", [False, True])
 def test_v1_interface_follows_batch_updates(small_arm):
-    proc = GenARMLogitsProcessor(CONFIG, torch.device("cpu"), False)
+    proc = GenARMLogitsProcessorV1(CONFIG, torch.device("cpu"), False)
     assert proc.is_argmax_invariant() is False  # else greedy requests would skip it
     proc.update_state(BatchUpdate(batch_size=3, removed=[], moved=[], added=[
         (0, guided(), [1], []), (1, guided(0.25), [1], []), (2, guided(2.0, [1.0, 1.0]), [1], []),
@@ -191,14 +197,14 @@ def test_repetition_penalty_with_own_guidance_is_refused_under_v2_only():
 def test_processor_classes_by_name_load_and_pickle():
     import pickle
 
-    import genarm_vllm.logits_processor as module
+    import genarm_vllm.engine.logits_processor as module
 
     cls = module.GenARMLogitsProcessor_3rm_v2
     assert (cls.num_reward_models, cls.v2_runner) == (3, True)
     assert issubclass(cls, GenARMLogitsProcessor) and pickle.loads(pickle.dumps(cls)) is cls
-    assert processor_for(3, True) == "genarm_vllm.logits_processor:GenARMLogitsProcessor_3rm_v2"
+    assert processor_for(3, True) == "genarm_vllm.engine.logits_processor:GenARMLogitsProcessor_3rm_v2"
     for entry in (GenARMLogitsProcessor, cls, processor_for(1, False),
-                  "genarm_vllm.logits_processor:GenARMLogitsProcessor"):
+                  "genarm_vllm.engine.logits_processor:GenARMLogitsProcessor"):
         assert is_genarm_processor(entry)
     assert not is_genarm_processor("my.mod:Proc") and not is_genarm_processor(SamplingParams)
     with pytest.raises(AttributeError):
@@ -209,7 +215,7 @@ def test_refuses_a_model_that_is_not_genarm():
     config = vllm_config()
     config.model_config.hf_config.architectures = ["LlamaForCausalLM"]
     with pytest.raises(ValueError, match="needs the GenARMForCausalLM model"):
-        GenARMLogitsProcessor(config, torch.device("cpu"), False)
+        GenARMLogitsProcessorV1(config, torch.device("cpu"), False)
 
 
 def test_each_engine_reads_its_own_step_logits():
@@ -217,17 +223,17 @@ def test_each_engine_reads_its_own_step_logits():
     other = vllm_config()
     mine = Step(rows=2, seed=5)
     theirs = genarm_model.StepLogits(
-        tokenizer_columns(torch.zeros(3, WIDTH), VOCAB), [tokenizer_columns(torch.zeros(3, WIDTH), VOCAB)] * 2,
+        tokenizer_scores(torch.zeros(3, WIDTH), VOCAB), [tokenizer_scores(torch.zeros(3, WIDTH), VOCAB)] * 2,
         WIDTH, torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
     )
     genarm_model.publish_step_logits(other, theirs)  # published after mine
-    proc = GenARMLogitsProcessor(CONFIG, torch.device("cpu"), False)
+    proc = GenARMLogitsProcessorV1(CONFIG, torch.device("cpu"), False)
     proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[], added=[
         (0, guided(0.5), [1], []), (1, guided(), [1], [])]))
     out = proc.apply(mine.logits.clone())
     torch.testing.assert_close(out[0], mine.expected(0, 0.5))
     # An engine whose model published nothing yet reads nothing (never another engine's).
-    lonely = GenARMLogitsProcessor(vllm_config(), torch.device("cpu"), False)
+    lonely = GenARMLogitsProcessorV1(vllm_config(), torch.device("cpu"), False)
     lonely.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[
         (0, guided(0.5), [1], [])]))
     with pytest.raises(RuntimeError, match="before GenARMForCausalLM computed any logits"):

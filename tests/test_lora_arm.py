@@ -1,4 +1,4 @@
-"""LoRA reward models on the base's own weights (genarm_vllm/lora_arm.py), tiny models, CPU,
+"""LoRA reward models on the base's own weights (genarm_vllm/engine/lora_arm.py), tiny models, CPU,
 float32: the engine against the reference decoder with the MERGED adapters."""
 
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from genarm_vllm.lora_arm import TARGETS, check_adapter, read_adapter
+from genarm_vllm.engine.lora_adapter import TARGETS, check_adapter, read_adapter
 from genarm_vllm.reference import ReferenceDecoder
 from genarm_vllm.testing import PROMPTS, build_model, build_tokenizer
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from genarm_vllm.mixing import combine_scores, mix_logits, tokenizer_columns
+from genarm_vllm.mixing import combine_scores, guidance_coefficients, mix_logits, tokenizer_scores
 
 
 def normalised(scores):
@@ -60,15 +60,15 @@ def test_reward_model_with_smaller_vocab_masks_missing_ids():
 
 def test_in_place_mix_equals_the_new_tensor_mix():
     g = torch.Generator().manual_seed(2)
-    base = tokenizer_columns(torch.randn(4, 48, generator=g), 48)
-    arms = [tokenizer_columns(torch.randn(4, w, generator=g), 48) for w in (48, 40)]
+    base = tokenizer_scores(torch.randn(4, 48, generator=g), 48)
+    arms = [tokenizer_scores(torch.randn(4, w, generator=g), 48) for w in (48, 40)]
     beta, weights = torch.rand(4, generator=g) + 0.1, torch.randn(4, 2, generator=g)
-    want = combine_scores(base, arms, beta, weights, width=48)
+    want = combine_scores(base, arms, guidance_coefficients(beta, weights), width=48)
     scores = base.clone()
-    assert combine_scores(scores, arms, beta, weights, width=48, in_place=True) is scores
+    assert combine_scores(scores, arms, guidance_coefficients(beta, weights), width=48, in_place=True) is scores
     assert torch.equal(scores, want)
     with pytest.raises(ValueError, match="in-place mixing needs"):
-        combine_scores(base, arms, beta, weights, width=56, in_place=True)
+        combine_scores(base, arms, guidance_coefficients(beta, weights), width=56, in_place=True)
 
 
 def test_zero_weights_give_exactly_the_base_logits():

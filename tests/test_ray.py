@@ -23,11 +23,11 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 from vllm import SamplingParams  # noqa: E402
 
-from genarm_vllm import ray_job  # noqa: E402
-from genarm_vllm.batch_job import run_job  # noqa: E402
+from genarm_vllm.jobs import ray_job  # noqa: E402
+from genarm_vllm.jobs.batch import run_job  # noqa: E402
 from genarm_vllm.cli import main, parse_engine_flags  # noqa: E402
-from genarm_vllm.fingerprint import settings_path  # noqa: E402
-from genarm_vllm.job_progress import JobSummary  # noqa: E402
+from genarm_vllm.jobs.fingerprint import settings_path  # noqa: E402
+from genarm_vllm.jobs.progress import JobSummary  # noqa: E402
 from genarm_vllm.runtime import LOCAL_ENV  # noqa: E402
 from genarm_vllm.testing import build_model, build_tokenizer  # noqa: E402
 from batch_rows import (  # noqa: E402, I001

@@ -220,7 +220,7 @@ def test_serve_applies_engine_defaults_unless_the_user_sets_them(tiny):
     base, arm = str(tiny["base"]), str(tiny["arm_small"])
     argv, _ = server_argv(base, [arm], 1.0, None, ["--dtype", "bfloat16"])
     # GuidedLLM's defaults; vLLM's boolean flags take the --no- form.
-    from genarm_vllm.runtime import engine_defaults
+    from genarm_vllm.engine.defaults import engine_defaults
 
     if engine_defaults().get("enable_chunked_prefill") is False:  # CPU
         assert "--no-enable-chunked-prefill" in argv

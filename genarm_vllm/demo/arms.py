@@ -8,7 +8,7 @@ Both are LoRA adapters on the base model (the ARM starts from the base: a compet
 the same tokenizer, as GenARM recommends). The adapters, their preference pairs and their
 training metrics are committed under genarm_vllm/demo/assets/<name>/ (a few MB). The
 engine serves the adapters as they are, as LoRA ARMs on the base's own weights
-(genarm_vllm/lora_arm.py: one weight copy). Merged full ARM folders (~540 MB each) are only
+(genarm_vllm/engine/lora_arm.py: one weight copy). Merged full ARM folders (~540 MB each) are only
 built on request (for comparison, e.g. benchmarks/throughput.py --lora):
 
     python -m genarm_vllm.demo.arms --merged    # build merged ARM folders into artifacts/arms/

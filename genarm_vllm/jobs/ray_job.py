@@ -42,12 +42,12 @@ import queue
 import threading
 from pathlib import Path
 
-from genarm_vllm.batch_job import (
+from genarm_vllm.jobs.batch import (
     REORDER_BUFFER,
-    count_rows,
     InputLine,
     PromptBuilder,
     RowError,
+    count_rows,
     error_line,
     input_files,
     line_counts,
@@ -114,7 +114,7 @@ class _Replica:
     """One GuidedLLM engine in a Ray actor, fed by every batch it holds at once."""
 
     def __init__(self, base, reward_models, beta, weights, vllm_kwargs, sampling_params):
-        from genarm_vllm.engine import GuidedLLM
+        from genarm_vllm.engine.llm import GuidedLLM
 
         self.llm = GuidedLLM(base, reward_models, beta=beta, weights=weights, **vllm_kwargs)
         self.sampling_params = sampling_params
@@ -123,7 +123,7 @@ class _Replica:
 
     def _start(self) -> None:
         """At the first call: the row checks, the feeder and the one engine thread."""
-        from genarm_vllm.feeding import EngineFeeder
+        from genarm_vllm.jobs.feeding import EngineFeeder
 
         with self._started:
             if self.feeder is not None:
@@ -139,7 +139,7 @@ class _Replica:
 
     def _engine_loop(self) -> None:
         """The one thread that touches the engine: adds submitted rows, steps, hands back."""
-        from genarm_vllm.feeding import refusal_types
+        from genarm_vllm.jobs.feeding import refusal_types
 
         try:
             while True:
@@ -211,8 +211,8 @@ def check_models(base, reward_models, vllm_kwargs: dict) -> list[str]:
 
     Returns the reward model folders (the given ones, or a bundle's).
     """
+    from genarm_vllm.engine.validation import check_reward_models, check_tensor_parallel
     from genarm_vllm.guidance import read_bundle
-    from genarm_vllm.validation import check_reward_models, check_tensor_parallel
 
     reward_models = [str(p) for p in reward_models or []]
     bundle = read_bundle(base)
@@ -284,9 +284,9 @@ def run_ray_job(
     env_vars: extra environment for the replicas (added to the FORWARDED_ENV ones).
     settings: the job's fingerprint (None: fingerprint.job_settings of these arguments).
     """
-    from genarm_vllm.fingerprint import job_settings
-    from genarm_vllm.job_progress import JobProgress, JobSummary
-    from genarm_vllm.reorder import OrderedWriter
+    from genarm_vllm.jobs.fingerprint import job_settings
+    from genarm_vllm.jobs.progress import JobProgress, JobSummary
+    from genarm_vllm.jobs.reorder import OrderedWriter
 
     try:
         import ray

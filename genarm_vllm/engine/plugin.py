@@ -34,13 +34,15 @@ def register() -> None:
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # By name, so the class (and its vLLM imports) load only where the model is built.
-        ModelRegistry.register_model(ARCHITECTURE, "genarm_vllm.model:GenARMForCausalLM")
+        ModelRegistry.register_model(ARCHITECTURE, "genarm_vllm.engine.model:GenARMForCausalLM")
     try:
         from vllm.model_executor.models.config import MODELS_CONFIG_MAP
     except ImportError:  # a vLLM without per-architecture config hooks
         logger.error(
-            "genarm-vllm: this vLLM has no MODELS_CONFIG_MAP; GenARM models need "
-            "--logits-processors genarm_vllm.logits_processor:GenARMLogitsProcessor"
+            "genarm-vllm: this vLLM has no MODELS_CONFIG_MAP; GenARM models with K reward "
+            "models need --logits-processors "
+            "genarm_vllm.engine.logits_processor:GenARMLogitsProcessor_<K>rm_v1 (_v2 under "
+            "Model Runner V2)"
         )
         return
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, GenARMConfigHook)
@@ -56,9 +58,9 @@ class GenARMConfigHook:
 
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
+        from genarm_vllm.engine.logits_processor import is_genarm_processor, processor_for
+        from genarm_vllm.engine.validation import check_engine_features, prompt_id_limits
         from genarm_vllm.guidance import GuidanceConfig
-        from genarm_vllm.logits_processor import is_genarm_processor, processor_for
-        from genarm_vllm.validation import check_engine_features, prompt_id_limits
 
         model_config = vllm_config.model_config
         parallel = vllm_config.parallel_config
@@ -84,7 +86,7 @@ def _check_prompt_ids_at_admission() -> None:
     """
     from vllm.renderers.base import BaseRenderer
 
-    from genarm_vllm.validation import check_prompt_ids
+    from genarm_vllm.engine.validation import check_prompt_ids
 
     vllm_check = BaseRenderer.validate_token_ids
     if getattr(vllm_check, "checks_genarm_limits", False):

@@ -199,7 +199,7 @@ class PromptBuilder:
         self.num_reward_models = len(llm.reward_models)
 
     def request(self, row: dict) -> tuple[dict, dict | None]:
-        from genarm_vllm.validation import check_prompt_ids
+        from genarm_vllm.engine.validation import check_prompt_ids
 
         try:
             ids = prompt_ids(self.tokenizer, row.get("prompt"), row.get("messages"))
@@ -270,7 +270,7 @@ def resume_position(output: Path, files: list[Path], num_reward_models: int) -> 
 def prepare_output(output: Path, settings: dict, files: list[Path], num_reward_models: int,
                    overwrite: bool = False) -> tuple[int, int]:
     """Start afresh (overwrite) or check the stored settings; (position, rows done)."""
-    from genarm_vllm.fingerprint import check_or_store, settings_path
+    from genarm_vllm.jobs.fingerprint import check_or_store, settings_path
 
     if overwrite:
         output.unlink(missing_ok=True)
@@ -284,7 +284,7 @@ def engine_settings(llm, sampling_params) -> dict:
     """The fingerprint of a job on a GuidedLLM: from the settings it was made with, as the
     CLI computes it before starting the engine, so a job the CLI began resumes from Python
     and back (dtype "auto" stays "auto", on a GPU as on a CPU)."""
-    from genarm_vllm.fingerprint import job_settings
+    from genarm_vllm.jobs.fingerprint import job_settings
 
     return job_settings(llm.base, llm.reward_models, llm.beta, llm.weights, sampling_params,
                         llm.engine_kwargs)
@@ -311,9 +311,9 @@ def run_job(
     settings: the job's fingerprint (fingerprint.job_settings); None: read off `llm`.
     max_in_flight: requests kept in the engine (None: twice its max_num_seqs).
     """
-    from genarm_vllm.feeding import EngineFeeder, refusal_types
-    from genarm_vllm.job_progress import JobProgress
-    from genarm_vllm.reorder import OrderedWriter
+    from genarm_vllm.jobs.feeding import EngineFeeder, refusal_types
+    from genarm_vllm.jobs.progress import JobProgress
+    from genarm_vllm.jobs.reorder import OrderedWriter
 
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+from genarm_vllm.engine.defaults import engine_defaults
+from genarm_vllm.engine.validation import check_reward_models, prompt_id_limits
 from genarm_vllm.guidance import genarm_fields, request_guidance, resolve_guidance, with_guidance
-from genarm_vllm.runtime import engine_defaults
-from genarm_vllm.validation import check_reward_models, prompt_id_limits
 
 
 class GuidedLLM:
@@ -21,7 +21,7 @@ class GuidedLLM:
         weights: default weight per reward model (None: 1.0 each).
         **vllm_engine_kwargs: anything `vllm.LLM` takes (max_model_len, tensor_parallel_size,
             enforce_eager, gpu_memory_utilization, ...). Defaults differ from vLLM's
-            (see runtime.engine_defaults): logprobs_mode="processed_logprobs", so returned
+            (see engine.defaults.engine_defaults): logprobs_mode="processed_logprobs", so returned
             logprobs are each request's own guided distribution; max_model_len at most
             every reward model's maximum positions; and on a machine without a GPU
             dtype="float32", enable_chunked_prefill=False and a KV cache of a quarter
@@ -60,7 +60,7 @@ class GuidedLLM:
 
         kwargs = dict(vllm_engine_kwargs)
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **fields}
-        # The plugin adds the GenARM logits processor (genarm_vllm/plugin.py).
+        # The plugin adds the GenARM logits processor (genarm_vllm/engine/plugin.py).
         kwargs.update(engine_defaults(base, self.reward_models, kwargs))  # what the user left unset
         self.llm = LLM(model=base, **kwargs)
 

@@ -12,6 +12,9 @@ import logging
 
 from transformers import AutoConfig, AutoTokenizer
 
+from genarm_vllm.engine.configs import text_config
+from genarm_vllm.engine.lora_adapter import check_adapter, check_lora_tensor_parallel, is_lora_adapter
+
 logger = logging.getLogger(__name__)
 
 
@@ -29,8 +32,7 @@ def tokenizer_length(path: str) -> int:
 @functools.lru_cache(maxsize=32)
 def embedding_rows(path: str) -> int:
     """How many token ids the model folder `path` can embed (its config's vocab_size)."""
-    config = AutoConfig.from_pretrained(path)
-    return getattr(config, "get_text_config", lambda: config)().vocab_size
+    return text_config(AutoConfig.from_pretrained(path)).vocab_size
 
 
 def check_same_tokenizer(base: str, reward_model: str) -> None:
@@ -38,7 +40,7 @@ def check_same_tokenizer(base: str, reward_model: str) -> None:
     every id both have. Extra ids at the end of either one (added special tokens, e.g. the
     `<pad>` at id 32000 of the Tulu2 ARM next to its base's 32,000 tokens) are allowed:
     decoding is over the base's ids, and ids a model cannot embed are never sampled."""
-    if _is_adapter(reward_model):
+    if is_lora_adapter(reward_model):
         return  # a LoRA reward model on the base's weights reads with the base's tokenizer
     base_vocab, base_length = _vocab(str(base))
     arm_vocab, arm_length = _vocab(str(reward_model))
@@ -57,16 +59,10 @@ def check_same_tokenizer(base: str, reward_model: str) -> None:
             )
 
 
-def _is_adapter(path) -> bool:
-    from genarm_vllm.lora_arm import is_lora_adapter
-
-    return is_lora_adapter(path)
-
-
 def embedding_limits(reward_models: list[str]) -> dict[str, int]:
     """Each reward model's embedding row count: prompt ids at or above it are refused.
     (A LoRA reward model embeds with the base's own embedding: no limit of its own.)"""
-    return {str(m): embedding_rows(str(m)) for m in reward_models if not _is_adapter(m)}
+    return {str(m): embedding_rows(str(m)) for m in reward_models if not is_lora_adapter(m)}
 
 
 def unsampled_ids(base: str, reward_models: list[str]) -> dict[str, range]:
@@ -102,10 +98,9 @@ def check_prompt_ids(prompt_ids, limits: dict[str, int]) -> None:
 @functools.lru_cache(maxsize=32)
 def max_positions(model: str) -> int | None:
     """A model folder's maximum position count (max_position_embeddings), if it states one."""
-    if _is_adapter(model):
+    if is_lora_adapter(model):
         return None  # a LoRA reward model runs at the base's positions
-    config = AutoConfig.from_pretrained(model)
-    return getattr(getattr(config, "get_text_config", lambda: config)(), "max_position_embeddings", None)
+    return getattr(text_config(AutoConfig.from_pretrained(model)), "max_position_embeddings", None)
 
 
 def check_max_model_len(reward_model: str, max_model_len: int) -> None:
@@ -122,12 +117,9 @@ def check_tensor_parallel(
     model: str, tensor_parallel_size: int, role: str = "reward model"
 ) -> None:
     """Reward models are sharded like the base: their heads must divide by the TP size."""
-    if _is_adapter(model):
-        from genarm_vllm.lora_arm import check_lora_tensor_parallel
-
+    if is_lora_adapter(model):
         return check_lora_tensor_parallel(model, tensor_parallel_size)
-    config = AutoConfig.from_pretrained(model)
-    config = getattr(config, "text_config", None) or config
+    config = text_config(AutoConfig.from_pretrained(model))
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     tp = tensor_parallel_size
@@ -154,9 +146,7 @@ def check_reward_models(
         raise ValueError("GenARM needs at least one reward model")
     check_engine_features(speculative_config, pipeline_parallel_size)
     for reward_model in reward_models:
-        if _is_adapter(reward_model):
-            from genarm_vllm.lora_arm import check_adapter
-
+        if is_lora_adapter(reward_model):
             check_adapter(base, reward_model)
         check_same_tokenizer(base, reward_model)
         if max_model_len is not None:
@@ -188,51 +178,3 @@ def check_engine_features(speculative_config=None, pipeline_parallel_size: int =
             f"{pipeline_parallel_size}): every sub-model runs whole on each rank; use "
             "tensor_parallel_size instead"
         )
-
-
-def head_size(config) -> int:
-    config = getattr(config, "get_text_config", lambda: config)()
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
-def choose_attention_backend(
-    base_head_size: int, arm_head_sizes: list[int], dtype: str, selected: str | None
-) -> str | None:
-    """The attention backend a GenARM engine on CUDA needs: None keeps vLLM's choice.
-
-    vLLM 0.33's Triton backend (TRITON_ATTN) sizes its decode scratch buffer from the
-    engine's (the base's) head size padded to a power of two
-    (v1/attention/backends/triton_attn.py, TritonAttentionMetadataBuilder), while its kernel
-    indexes with each layer's own (v1/attention/ops/triton_unified_attention.py): a reward
-    model with a larger padded head size writes out of bounds. vLLM picks Triton for float32
-    on CUDA, and for head sizes FlashAttention cannot take (platforms/cuda.py). FlashAttention
-    and FlashInfer size their work per layer group (checked: v1/attention/backends/flash_attn.py,
-    flashinfer.py), so they are safe; FLASH_ATTN takes fp16/bf16 and head sizes that are a
-    multiple of 8 up to 256.
-    """
-    base_padded = next_power_of_2(base_head_size)
-    larger = [h for h in arm_head_sizes if next_power_of_2(h) > base_padded]
-    if not larger:
-        return None  # every layer fits the base-sized scratch buffer: any backend is safe
-    selected = (selected or "").upper() or None
-    if selected not in (None, "AUTO", "TRITON_ATTN"):
-        return None  # the user chose a backend that sizes per layer
-    reason = (
-        f"reward model head size {larger[0]} is larger than the base's {base_head_size} "
-        "(padded to powers of two), which vLLM's TRITON_ATTN backend does not support "
-        "(its decode buffer is sized from the base's head size)"
-    )
-    if selected == "TRITON_ATTN":
-        raise ValueError(f"{reason}; choose attention_backend FLASH_ATTN or FLASHINFER")
-    head_sizes = [base_head_size, *arm_head_sizes]
-    if dtype in ("float16", "bfloat16") and all(h % 8 == 0 and h <= 256 for h in head_sizes):
-        return "FLASH_ATTN"
-    raise ValueError(
-        f"{reason}, and FLASH_ATTN cannot run dtype {dtype} with head sizes {head_sizes}; "
-        "run in bfloat16 or float16 (FLASH_ATTN), or use reward models whose head size is at "
-        "most the base's"
-    )

@@ -11,33 +11,34 @@ from dataclasses import dataclass
 import torch
 
 from genarm_vllm.guidance import ARCHITECTURE
-from genarm_vllm.mixing import combine_scores
+from genarm_vllm.mixing import combine_scores, guidance_coefficients
 
 
 @dataclass
 class StepLogits:
-    """Logits (tokenizer_columns) of the latest compute_logits call, one row per logits row."""
+    """Scores (mixing.tokenizer_scores) of the latest compute_logits call, one row per logits row."""
 
     base: torch.Tensor  # [N, min(V, Vb)]
-    reward_models: list[torch.Tensor]  # K x [N, min(V, Vi)]
+    arms: list[torch.Tensor]  # K x [N, min(V, Vi)], one per reward model
     width: int  # the base's logits width Vb, which the sampler expects
     default_beta: torch.Tensor  # [1]
     default_weights: torch.Tensor  # [1, K]
 
     def mix(self, beta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The GenARM mix of every row with per-row beta [N] and weights [N, K]."""
-        return combine_scores(self.base, self.reward_models, beta, weights, self.width)
+        return combine_scores(self.base, self.arms, guidance_coefficients(beta, weights), self.width)
 
     def mix_defaults(self) -> torch.Tensor:
         num_rows = self.base.shape[0]
         return self.mix(self.default_beta.expand(num_rows), self.default_weights.expand(num_rows, -1))
 
 
-# Logits processors see logits only, never the model; they run right after
-# compute_logits, in the same worker process. The model hands them each step's logits
-# here, keyed by the engine: model and processor are built with the same VllmConfig object
-# (vLLM's model runner passes its own to both), so two engines in one process never read
-# each other's logits.
+# Logits processors see logits only, never the model. They run in the worker process,
+# after the compute_logits call of the step they sample (vLLM 0.33 also calls compute_logits
+# for prompt logprobs, after sampling; the next step publishes anew before its processors
+# run). The model hands them each step's logits here, keyed by the engine: model and
+# processor are built with the same VllmConfig object (vLLM's model runner passes its own
+# to both), so two engines in one process never read each other's logits.
 STEP_LOGITS: dict[int, StepLogits] = {}
 
 

@@ -25,7 +25,7 @@ SAMPLING_FIELDS = (
 )
 
 # vLLM engine settings that change what is generated. dtype and max_model_len are the
-# effective ones (the user's, else GenARM's default: see runtime.engine_defaults).
+# effective ones (the user's, else GenARM's default: see engine.defaults.engine_defaults).
 ENGINE_FIELDS = ("dtype", "max_model_len", "quantization", "seed", "tokenizer", "revision",
                  "generation_config")
 
@@ -58,9 +58,9 @@ def job_settings(base, reward_models, beta, weights, sampling_params, engine_kwa
     beta / weights None take the defaults (1.0, 1.0 each, or a bundle's); engine_kwargs are
     vLLM LLM kwargs as given (GenARM's engine defaults fill in dtype and max_model_len).
     """
+    from genarm_vllm.engine.defaults import engine_defaults
+    from genarm_vllm.engine.validation import max_positions
     from genarm_vllm.guidance import genarm_fields
-    from genarm_vllm.runtime import engine_defaults
-    from genarm_vllm.validation import max_positions
 
     _, guidance = genarm_fields(str(base), reward_models, beta, weights)
     engine = {**engine_kwargs, **engine_defaults(str(base), guidance.reward_models, engine_kwargs)}

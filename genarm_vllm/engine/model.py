@@ -1,0 +1,217 @@
+"""GenARMForCausalLM: a base LM and its autoregressive reward models as one vLLM model.
+
+Each sub-model is an ordinary vLLM model with its own attention layers, so the KV cache
+manager gives every reward model (ARM) its own paged KV tensors under the same block
+table: continuous batching, chunked prefill, prefix caching and preemption cover all
+models at once. `forward` runs every sub-model on the same tokens and returns their
+hidden states side by side; `compute_logits` splits them, mixes with the engine's default
+guidance, and keeps the step's logits for `GenARMLogitsProcessor`, which
+re-mixes the rows of requests that carry their own guidance.
+
+Selected through the hf_config fields described in genarm_vllm/guidance.py.
+"""
+
+from __future__ import annotations
+
+import string
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+from vllm.compilation.backends import set_model_tag
+from vllm.config import VllmConfig
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.utils import initialize_model
+from vllm.model_executor.models.utils import AutoWeightsLoader, init_vllm_registered_model
+from vllm.platforms import current_platform
+
+from genarm_vllm.engine.attention_backend import use_safe_attention_backend
+from genarm_vllm.engine.configs import text_config
+from genarm_vllm.engine.lora_adapter import check_adapter_fits, is_lora_adapter, read_adapter
+from genarm_vllm.engine.lora_arm import LoRAARM
+from genarm_vllm.engine.stacked_llama import check_base_layout, stacked_forward
+from genarm_vllm.engine.step_logits import STEP_LOGITS, StepLogits, publish_step_logits
+from genarm_vllm.engine.validation import check_reward_models, tokenizer_length
+from genarm_vllm.guidance import ARCHITECTURE, GuidanceConfig
+from genarm_vllm.mixing import tokenizer_scores
+
+
+def reward_model_prefix(index: int) -> str:
+    # Attention layer names must hold exactly one integer (the layer index), so
+    # sub-models are named by letter: arm_a, arm_b, ...
+    return f"arm_{string.ascii_lowercase[index]}"
+
+
+@dataclass
+class RewardModel:
+    """One reward model (ARM) of the composite, as the forward and the logits need it."""
+
+    name: str  # its attribute and weight-name prefix: arm_a, arm_b, ...
+    module: nn.Module  # a vLLM causal LM, or a LoRAARM on the base's weights
+    on_base_weights: bool  # a LoRA ARM: runs stacked with the base, shares its LM head
+    hidden_size: int
+    embedding_rows: int | None  # ids it can embed; None: the base's own embedding
+
+
+class GenARMForCausalLM(nn.Module):
+    """A base causal LM guided by K autoregressive reward models (GenARM)."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        model_config = vllm_config.model_config
+        guidance = GuidanceConfig.from_hf_config(model_config.hf_config)
+        if len(guidance.reward_models) > len(string.ascii_lowercase):
+            raise ValueError(f"at most {len(string.ascii_lowercase)} reward models are supported")
+        if not guidance.base_architectures:
+            raise ValueError(
+                f"{ARCHITECTURE} needs genarm_base_architectures (the base model's own "
+                "architectures, e.g. ['LlamaForCausalLM']) in its config"
+            )
+        check_reward_models(
+            model_config.tokenizer,
+            guidance.reward_models,
+            max_model_len=model_config.max_model_len,
+            tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
+            speculative_config=vllm_config.speculative_config,
+            pipeline_parallel_size=vllm_config.parallel_config.pipeline_parallel_size,
+        )
+        # A LoRA reward model (a PEFT adapter folder) runs on the base's weights
+        # (lora_arm.py): the base's config, no weights of its own but A/B.
+        adapters = {
+            path: check_adapter_fits(read_adapter(path), model_config.hf_config, model_config.tokenizer)
+            for path in guidance.reward_models if is_lora_adapter(path)
+        }
+        arm_configs = [
+            model_config.hf_config if path in adapters else AutoConfig.from_pretrained(path)
+            for path in guidance.reward_models
+        ]
+        if current_platform.is_cuda():
+            use_safe_attention_backend(vllm_config, arm_configs)
+        self.config = model_config.hf_config
+        self.vllm_config = vllm_config  # the key of this engine's step hand-off
+        weakref.finalize(self, STEP_LOGITS.pop, id(vllm_config), None)
+        self.vocab_size = tokenizer_length(model_config.tokenizer)
+
+        self.base = init_vllm_registered_model(
+            vllm_config,
+            hf_config=model_config.hf_config,
+            architectures=guidance.base_architectures,
+            prefix="base",
+        )
+        self.base_hidden_size = text_config(model_config.hf_config).hidden_size
+        self.arms: list[RewardModel] = []
+        self.secondary_weights = []
+        for i, (path, arm_config) in enumerate(zip(guidance.reward_models, arm_configs)):
+            name = reward_model_prefix(i)
+            if path in adapters:
+                if not self.lora_arms:
+                    check_base_layout(self.base.model)
+                module = LoRAARM(adapters[path], self.base.model, vllm_config, name)
+                self.arms.append(RewardModel(name, module, True, self.base_hidden_size, None))
+            else:
+                arm_vllm_config = vllm_config.with_hf_config(arm_config)
+                # The base's quantization does not apply to an unquantized reward model.
+                arm_vllm_config.quant_config = None
+                # Separate torch.compile cache per sub-model.
+                with set_model_tag(name):
+                    module = initialize_model(vllm_config=arm_vllm_config, prefix=name)
+                config = text_config(arm_config)
+                self.arms.append(RewardModel(name, module, False, config.hidden_size, config.vocab_size))
+                # The default loader reads these after the base checkpoint, names prefixed.
+                self.secondary_weights.append(DefaultModelLoader.Source(path, None, prefix=f"{name}."))
+            setattr(self, name, module)
+        self.register_buffer(
+            "default_beta", torch.tensor([guidance.beta], dtype=torch.float32), persistent=False
+        )
+        self.register_buffer(
+            "default_weights",
+            torch.tensor([guidance.weights], dtype=torch.float32),
+            persistent=False,
+        )
+        self.make_empty_intermediate_tensors = getattr(
+            self.base, "make_empty_intermediate_tensors", None
+        )
+
+    @property
+    def lora_arms(self) -> list[RewardModel]:
+        return [arm for arm in self.arms if arm.on_base_weights]
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.base.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Hidden states of the base, then of each reward model, side by side [T, sum H]."""
+        if input_ids is None:
+            raise NotImplementedError("GenARM reward models need token ids, not prompt embeddings")
+        lora_arms = self.lora_arms
+        if lora_arms:  # base and LoRA ARMs in one pass over the base's weights
+            stacked = stacked_forward(
+                self.base.model, [arm.module for arm in lora_arms], input_ids, positions
+            )
+            base_hidden, *lora_hidden = stacked.chunk(len(lora_arms) + 1)
+            hidden = dict(zip((arm.name for arm in lora_arms), lora_hidden))
+        else:
+            base_hidden = self.base(input_ids, positions, intermediate_tensors, inputs_embeds)
+            hidden = {}
+        for arm in self.arms:
+            if not arm.on_base_weights:
+                # An id beyond an ARM's embedding rows is never sampled (the mix gives it
+                # -inf) and vLLM's prompt check refuses prompts holding one (plugin.py); the
+                # clamp only keeps a request that slipped past from crashing the engine.
+                ids = input_ids.clamp(max=arm.embedding_rows - 1)
+                hidden[arm.name] = arm.module(ids, positions)
+        return torch.cat([base_hidden, *(hidden[arm.name] for arm in self.arms)], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        base_hidden, *arm_hidden = hidden_states.split(
+            [self.base_hidden_size, *(arm.hidden_size for arm in self.arms)], dim=-1
+        )
+        arm_hidden = dict(zip((arm.name for arm in self.arms), arm_hidden))
+        # The LoRA ARMs' rows go through the base's LM head with the base's, as one matmul.
+        lora_arms = self.lora_arms
+        stacked = self.base.compute_logits(
+            torch.cat([base_hidden, *(arm_hidden[arm.name] for arm in lora_arms)])
+            if lora_arms else base_hidden
+        )
+        # Every full-weight ARM computes its logits on every rank (under tensor parallel,
+        # a collective), even where the base's rank does not sample.
+        logits = {
+            arm.name: arm.module.compute_logits(arm_hidden[arm.name])
+            for arm in self.arms if not arm.on_base_weights
+        }
+        if stacked is None:  # a tensor-parallel rank that does not sample
+            return None
+        base_logits, *lora_logits = stacked.chunk(len(lora_arms) + 1)
+        logits.update(zip((arm.name for arm in lora_arms), lora_logits))
+        step = StepLogits(
+            tokenizer_scores(base_logits, self.vocab_size),
+            [tokenizer_scores(logits[arm.name], self.vocab_size) for arm in self.arms],
+            base_logits.shape[-1],
+            self.default_beta,
+            self.default_weights,
+        )
+        publish_step_logits(self.vllm_config, step)
+        # float32: the sampler works in float32 anyway.
+        return step.mix_defaults()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        # The base checkpoint's names carry no prefix; reward models' carry theirs.
+        arm_prefixes = tuple(f"{arm.name}." for arm in self.arms)
+        weights = (
+            (name if name.startswith(arm_prefixes) else f"base.{name}", tensor)
+            for name, tensor in weights
+        )
+        loaded = AutoWeightsLoader(self).load_weights(weights)
+        for arm in self.lora_arms:
+            loaded |= arm.module.load_adapter()
+        return loaded
