@@ -70,6 +70,7 @@ def server_argv(
     check_reward_models(
         model,
         guidance.reward_models,
+        tokenizer=flags.get("tokenizer"),
         max_model_len=flags.get("max_model_len"),
         tensor_parallel_size=flags.get("tensor_parallel_size") or 1,
         speculative_config=flags.get("speculative_config"),

@@ -209,6 +209,16 @@ def test_engine_defaults_fit_every_model(tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     import psutil
 
+    # No more than the engine can use: 256 sequences (vLLM's CPU default) of 128 tokens
+    # (one block each) in the base's and the ARM's layers, float32 K and V.
+    kv = defaults.engine_defaults(base, [str(short)])["kv_cache_memory_bytes"]
+    per_token = 2 * 2 * 2 * 2 * 32 * 4  # models x layers x (K, V) x KV heads x head size x bytes
+    assert defaults.kv_bytes_per_token(base, [str(short)], 4) == per_token
+    assert kv == 256 * 128 * per_token
+    assert defaults.engine_defaults(base, [str(short)], {"max_num_seqs": 8, "dtype": "bfloat16"})[
+        "kv_cache_memory_bytes"] == 8 * 128 * per_token // 2
+    # ... and never more than a stated share of the available memory.
+    monkeypatch.setattr(defaults, "CPU_KV_CACHE_SHARE", 1e-9)
     kv = defaults.engine_defaults(base, [str(short)])["kv_cache_memory_bytes"]
     assert 0.5 < kv / (psutil.virtual_memory().available * defaults.CPU_KV_CACHE_SHARE) < 1.5
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -7,8 +7,8 @@ import torch
 from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
 from genarm_vllm import GuidedLLM
-from genarm_vllm.engine.model import _use_safe_attention_backend
-from genarm_vllm.engine.validation import choose_attention_backend, head_size
+from genarm_vllm.engine.attention_backend import choose_attention_backend, use_safe_attention_backend
+from genarm_vllm.engine.configs import head_size
 
 
 def test_attention_backend_is_safe_for_every_head_size():
@@ -37,12 +37,12 @@ def test_backend_is_set_on_the_config_the_layers_read(tiny):
         attention_config=SimpleNamespace(backend=None),
         model_config=SimpleNamespace(hf_config=base, dtype=torch.bfloat16),
     )
-    _use_safe_attention_backend(config, [arm])
+    use_safe_attention_backend(config, [arm])
     assert config.attention_config.backend is AttentionBackendEnum.FLASH_ATTN
     config.model_config.dtype = torch.float32
     config.attention_config.backend = None
     with pytest.raises(ValueError, match="reward model head size 64 is larger than the base's 32"):
-        _use_safe_attention_backend(config, [arm])
+        use_safe_attention_backend(config, [arm])
 
 
 @pytest.mark.parametrize("kwargs, match", [

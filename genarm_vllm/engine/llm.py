@@ -5,9 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from genarm_vllm.engine.defaults import engine_defaults
+from genarm_vllm.engine.defaults import engine_defaults, use_single_process_on_cpu
 from genarm_vllm.engine.validation import check_reward_models, prompt_id_limits
-from genarm_vllm.guidance import genarm_fields, request_guidance, resolve_guidance, with_guidance
+from genarm_vllm.guidance import (
+    genarm_fields,
+    request_guidance,
+    resolve_guidance,
+    resolve_prompts,
+    with_guidance,
+)
 
 
 class GuidedLLM:
@@ -49,6 +55,7 @@ class GuidedLLM:
         check_reward_models(
             base,
             self.reward_models,
+            tokenizer=vllm_engine_kwargs.get("tokenizer"),
             max_model_len=vllm_engine_kwargs.get("max_model_len"),
             tensor_parallel_size=vllm_engine_kwargs.get("tensor_parallel_size", 1),
             speculative_config=vllm_engine_kwargs.get("speculative_config"),
@@ -56,12 +63,15 @@ class GuidedLLM:
         )
         # Models that cannot embed every id vLLM takes in a prompt for this base (vLLM's
         # prompt check refuses such prompts; batch jobs check them before submitting).
-        self.prompt_id_limits = prompt_id_limits(base, self.reward_models)
+        self.prompt_id_limits = prompt_id_limits(
+            base, self.reward_models, vllm_engine_kwargs.get("tokenizer")
+        )
 
         kwargs = dict(vllm_engine_kwargs)
         kwargs["hf_overrides"] = {**(kwargs.get("hf_overrides") or {}), **fields}
         # The plugin adds the GenARM logits processor (genarm_vllm/engine/plugin.py).
         kwargs.update(engine_defaults(base, self.reward_models, kwargs))  # what the user left unset
+        use_single_process_on_cpu(kwargs)
         self.llm = LLM(model=base, **kwargs)
 
     def get_tokenizer(self):
@@ -77,7 +87,11 @@ class GuidedLLM:
         """Generate for `prompts` (anything vllm.LLM.generate takes) in prompt order.
 
         guidance: None (engine defaults), one dict {"beta": ..., "weights": [...]} for all
-        prompts, or a list with one such dict (or None) per prompt.
+        prompts, or a list with one such dict (or None) per prompt. A dict may carry
+        "prompts": one entry per reward model (None: the base's prompt; a string; token
+        ids; chat messages), the prompt that model reads (genarm_vllm/prompts.py). The
+        outputs of such requests report the base's prompt (prompt, prompt_token_ids);
+        num_cached_tokens counts the engine's whole scheduled prompt.
         sampling_params: one vllm.SamplingParams for all prompts, or one per prompt.
         """
         from vllm import SamplingParams
@@ -99,11 +113,40 @@ class GuidedLLM:
             sp if g is None else with_guidance(sp, *g)
             for sp, g in zip(sampling_params, per_prompt)
         ]
+        own = resolve_prompts(guidance, len(prompt_list), len(self.reward_models))
+        restore = {}
+        if any(e is not None for e in own):
+            from genarm_vllm.engine.carrier import carrier_requests
+
+            prompt_list, params, restore = carrier_requests(self, prompt_list, params, own)
         from vllm.exceptions import VLLMValidationError
 
         try:
-            return self.llm.generate(prompt_list, params, use_tqdm=use_tqdm)
+            outputs = self.llm.generate(prompt_list, params, use_tqdm=use_tqdm)
         except VLLMValidationError as e:  # vLLM's admission checks (ours among them)
             if isinstance(e, ValueError):
                 raise
             raise ValueError(str(e)) from e
+        for i, (prompt, prompt_ids) in restore.items():  # report the base's prompt
+            outputs[i].prompt = prompt
+            outputs[i].prompt_token_ids = prompt_ids
+        return outputs
+
+    def reward_tokenizers(self) -> list:
+        """Each reward model's tokenizer (the base's for "self" and LoRA reward models)."""
+        if getattr(self, "_reward_tokenizers", None) is None:
+            from transformers import AutoTokenizer
+
+            from genarm_vllm.engine.validation import on_base_weights
+
+            base = self.llm.get_tokenizer()
+            self._reward_tokenizers = [
+                base if on_base_weights(m) else AutoTokenizer.from_pretrained(m)
+                for m in self.reward_models
+            ]
+        return self._reward_tokenizers
+
+    def reward_embedding_rows(self) -> list[int]:
+        from genarm_vllm.engine.validation import embedding_rows, on_base_weights
+
+        return [embedding_rows(self.base if on_base_weights(m) else m) for m in self.reward_models]

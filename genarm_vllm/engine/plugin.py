@@ -71,7 +71,9 @@ class GenARMConfigHook:
         v2_runner = bool(getattr(vllm_config, "use_v2_model_runner", False))
         model_config.logits_processors = [processor_for(len(reward_models), v2_runner), *others]
         # Read by the prompt check below in the frontend process (pickled along with the config).
-        model_config.genarm_prompt_id_limits = prompt_id_limits(model_config.tokenizer, reward_models)
+        model_config.genarm_prompt_id_limits = prompt_id_limits(
+            model_config.model, reward_models, model_config.tokenizer
+        )
         _check_prompt_ids_at_admission()
 
 

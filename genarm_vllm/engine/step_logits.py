@@ -46,11 +46,19 @@ def publish_step_logits(vllm_config, step: StepLogits) -> None:
     STEP_LOGITS[id(vllm_config)] = step
 
 
-def latest_step_logits(vllm_config) -> StepLogits:
-    step = STEP_LOGITS.get(id(vllm_config))
+def take_step_logits(vllm_config) -> StepLogits:
+    """The latest step's logits, removed from the hand-off: K+1 float32 [rows x vocab]
+    tensors must not outlive their step (vLLM 0.33's dummy sampler run alone publishes
+    max_num_reqs rows, ~1 GiB with 1024 sequences, a 128k vocabulary and one ARM)."""
+    step = STEP_LOGITS.pop(id(vllm_config), None)
     if step is None:
         raise RuntimeError(
             "GenARM logits processor ran before GenARMForCausalLM computed any logits: "
             f"it only works with the {ARCHITECTURE} architecture"
         )
     return step
+
+
+def release_step_logits(vllm_config) -> None:
+    """Drop the latest step's logits unread (a step no request re-mixes)."""
+    STEP_LOGITS.pop(id(vllm_config), None)

@@ -17,6 +17,13 @@ from genarm_vllm.engine.lora_adapter import check_adapter, check_lora_tensor_par
 
 logger = logging.getLogger(__name__)
 
+SELF_MODEL = "self"  # the base as its own guide (genarm_vllm.guidance.SELF_MODEL)
+
+
+def on_base_weights(model) -> bool:
+    """A reward model that runs on the base's weights: "self" or a LoRA adapter folder."""
+    return str(model) == SELF_MODEL or is_lora_adapter(model)
+
 
 @functools.lru_cache(maxsize=32)
 def _vocab(path: str) -> tuple[dict[str, int], int]:
@@ -40,7 +47,7 @@ def check_same_tokenizer(base: str, reward_model: str) -> None:
     every id both have. Extra ids at the end of either one (added special tokens, e.g. the
     `<pad>` at id 32000 of the Tulu2 ARM next to its base's 32,000 tokens) are allowed:
     decoding is over the base's ids, and ids a model cannot embed are never sampled."""
-    if is_lora_adapter(reward_model):
+    if on_base_weights(reward_model):
         return  # a LoRA reward model on the base's weights reads with the base's tokenizer
     base_vocab, base_length = _vocab(str(base))
     arm_vocab, arm_length = _vocab(str(reward_model))
@@ -62,7 +69,7 @@ def check_same_tokenizer(base: str, reward_model: str) -> None:
 def embedding_limits(reward_models: list[str]) -> dict[str, int]:
     """Each reward model's embedding row count: prompt ids at or above it are refused.
     (A LoRA reward model embeds with the base's own embedding: no limit of its own.)"""
-    return {str(m): embedding_rows(str(m)) for m in reward_models if not is_lora_adapter(m)}
+    return {str(m): embedding_rows(str(m)) for m in reward_models if not on_base_weights(m)}
 
 
 def unsampled_ids(base: str, reward_models: list[str]) -> dict[str, range]:
@@ -76,10 +83,11 @@ def unsampled_ids(base: str, reward_models: list[str]) -> dict[str, range]:
     return {m: range(rows, length) for m, rows in limits.items() if rows < length}
 
 
-def prompt_id_limits(base: str, reward_models: list[str]) -> dict[str, int]:
+def prompt_id_limits(base: str, reward_models: list[str], tokenizer: str | None = None) -> dict[str, int]:
     """The reward models that cannot embed every id vLLM accepts in a prompt for `base`
-    (the larger of its tokenizer length and embedding rows), with their row counts."""
-    accepted = max(tokenizer_length(base), embedding_rows(base))
+    (the larger of its tokenizer's length and its embedding rows), with their row counts.
+    tokenizer: the engine's tokenizer folder when it is not the base's own."""
+    accepted = max(tokenizer_length(str(tokenizer or base)), embedding_rows(str(base)))
     return {m: rows for m, rows in embedding_limits(reward_models).items() if rows < accepted}
 
 
@@ -98,7 +106,7 @@ def check_prompt_ids(prompt_ids, limits: dict[str, int]) -> None:
 @functools.lru_cache(maxsize=32)
 def max_positions(model: str) -> int | None:
     """A model folder's maximum position count (max_position_embeddings), if it states one."""
-    if is_lora_adapter(model):
+    if on_base_weights(model):
         return None  # a LoRA reward model runs at the base's positions
     return getattr(text_config(AutoConfig.from_pretrained(model)), "max_position_embeddings", None)
 
@@ -117,6 +125,8 @@ def check_tensor_parallel(
     model: str, tensor_parallel_size: int, role: str = "reward model"
 ) -> None:
     """Reward models are sharded like the base: their heads must divide by the TP size."""
+    if str(model) == SELF_MODEL:
+        return None
     if is_lora_adapter(model):
         return check_lora_tensor_parallel(model, tensor_parallel_size)
     config = text_config(AutoConfig.from_pretrained(model))
@@ -136,23 +146,26 @@ def check_reward_models(
     base: str,
     reward_models: list[str],
     *,
+    tokenizer: str | None = None,
     max_model_len: int | None = None,
     tensor_parallel_size: int = 1,
     speculative_config=None,
     pipeline_parallel_size: int = 1,
 ) -> None:
-    """All load-time checks for a base, its reward models and the engine settings."""
+    """All load-time checks for a base, its reward models and the engine settings.
+    tokenizer: the engine's tokenizer folder when it is not the base's own (vLLM's
+    `tokenizer=`): the reward models' tokenizers are compared with it."""
     if not reward_models:
         raise ValueError("GenARM needs at least one reward model")
     check_engine_features(speculative_config, pipeline_parallel_size)
     for reward_model in reward_models:
         if is_lora_adapter(reward_model):
             check_adapter(base, reward_model)
-        check_same_tokenizer(base, reward_model)
+        check_same_tokenizer(tokenizer or base, reward_model)
         if max_model_len is not None:
             check_max_model_len(reward_model, max_model_len)
         check_tensor_parallel(reward_model, tensor_parallel_size)
-    for reward_model, ids in unsampled_ids(base, reward_models).items():
+    for reward_model, ids in unsampled_ids(tokenizer or base, reward_models).items():
         logger.warning(
             "GenARM: reward model %s embeds %d token ids, the base's tokenizer has %d: ids "
             "%d..%d are never sampled, and prompts holding them are refused",
