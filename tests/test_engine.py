@@ -342,3 +342,17 @@ def test_repetition_penalty_acts_on_each_requests_own_mix(tiny, engine):
     assert token_ids(llm.generate(PROMPTS, params, guidance=GUIDANCE)) == want
     plain = token_ids(llm.generate(PROMPTS, GREEDY, guidance=GUIDANCE))
     assert plain != want  # the penalty changed the output
+
+
+def test_a_tokenizer_folder_apart_from_the_base(tiny, engine, tmp_path_factory):
+    """vLLM's tokenizer= may name a folder holding only the tokenizer: checks read model
+    configs from the base's folder and token ids from the tokenizer's (this crashed the
+    engine: the plugin read the tokenizer folder as the base's config)."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tokenizer_only")
+    AutoTokenizer.from_pretrained(tiny["base"]).save_pretrained(folder)
+    assert not (folder / "config.json").exists()
+    llm = engine("tokenizer folder", ["arm_small"], beta=0.5, tokenizer=str(folder))
+    want = reference(tiny, ["arm_small"], beta=0.5).generate(PROMPTS, 16, ignore_eos=True)
+    assert token_ids(llm.generate(PROMPTS, GREEDY)) == want
