@@ -5,7 +5,7 @@ transformers.Trainer, side by side in one run, for the demo's SmolLM2-135M ARM.
     python benchmarks/train_speed.py --pairs 64 --json artifacts/bench/train_speed.json
 
 The old trainer (the hand-written loop) is genarm_vllm/train.py at --old-rev, copied from git
-into a temporary folder and imported from there; the new one is the installed module. Both
+into a temporary folder and imported from there; the new one is genarm_vllm.training. Both
 train the same pairs (the demo's sentiment pairs.jsonl, chat template) from the same init with
 the demo's settings (batch 8, max length 128; LoRA r 8 on every linear layer, or the top 2
 layers), one epoch, no held-out set, and report their own training-loop time (model loading
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)  # as the demo trains: every core
-    from genarm_vllm import train as new_train
+    from genarm_vllm import training as new_train
 
     results, machine = [], cpu_flags()
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                     options = {**common, **MODES[mode]}
                     if name == "new":
                         options["device"] = "cpu"
+                        if mode == "lora":  # the old trainer's output: the merged full folder
+                            options["merge"] = True
                     out = tmp / f"{name}-{mode}-{r}"
                     started = time.perf_counter()
                     metrics = module.train_arm(args.base, data, out, progress=False, **options)
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|")
     summary = {}
     for mode in args.modes.split(","):
-        best = {name: max(r["pairs_per_second"] for r in results if r["mode"] == mode and r["trainer"] == name)
+        best = {name: max(r["pairs_per_second"] for r in results
+                          if r["mode"] == mode and r["trainer"] == name)
                 for name in ("old", "new")}
         summary[mode] = {**best, "ratio": round(best["new"] / best["old"], 3)}
         print(f"| {mode} | {best['old']:.3f} | {best['new']:.3f} | {best['new'] / best['old']:.2f} |")

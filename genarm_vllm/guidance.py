@@ -10,8 +10,10 @@ Guidance reaches the engine in three shapes, all defined here:
       genarm_weights              default weight per reward model (1.0 each)
 - per request, `SamplingParams.extra_args` (over HTTP the `vllm_xargs` body field):
       {"genarm_beta": 0.5, "genarm_weights": [1.0, 0.3]}
-- per prompt in the Python API ({"beta": ..., "weights": [...]}) and per row of a batch job
-  (the row's "beta" / "weights" fields).
+  and "genarm_prompts" (per-model prompts, genarm_vllm/prompts.py)
+- per prompt in the Python API ({"beta": ..., "weights": [...], "prompts": [...]}) and per
+  row of a batch job (the row's "beta" / "weights" / "prompts" fields).
+- a reward model may be the word "self" (SELF_MODEL): the base as its own guide.
 
 Every user-given beta and weight list goes through `check_beta` / `check_weights`.
 This module is light (no vLLM or torch import): the API server process and the CLI use it.
@@ -26,7 +28,21 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from genarm_vllm.prompts import check_prompts
+
 ARCHITECTURE = "GenARMForCausalLM"
+
+# A reward model given as this word is the base model itself as a guiding model: it runs
+# on the base's weights with its own attention layers and KV cache (engine/lora_arm.py),
+# useful with its own per-request prompt (genarm_vllm/prompts.py): CFG with a negative
+# prompt and a negative weight, or context-aware decoding.
+SELF_MODEL = "self"
+
+
+def model_path(path) -> str:
+    """A reward model as stored in configs: "self" as is, a folder as its absolute path."""
+    path = str(path)
+    return path if path == SELF_MODEL else str(Path(path).resolve())
 
 # Request keys of SamplingParams.extra_args / vllm_xargs.
 BETA_KEY = "genarm_beta"
@@ -145,7 +161,7 @@ def composite_fields(
     base_config = json.loads((Path(base) / "config.json").read_text())
     if ARCHITECTURE in (base_config.get("architectures") or []):
         raise ValueError(f"{base} is already a GenARM bundle; pass its own base model instead")
-    reward_models = [str(Path(p).resolve()) for p in reward_models]
+    reward_models = [model_path(p) for p in reward_models]
     if weights is None:
         weights = [1.0] * len(reward_models)
     beta, weights = check_guidance(beta, weights, len(reward_models))
@@ -176,7 +192,7 @@ def genarm_fields(
         fields = composite_fields(model, reward_models, 1.0 if beta is None else beta, weights)
     else:
         fields = dict(bundle)
-        given = [str(Path(p).resolve()) for p in reward_models or []]
+        given = [model_path(p) for p in reward_models or []]
         if given and given != fields["genarm_reward_models"]:
             raise ValueError(
                 f"{model} is a bundle of {fields['genarm_reward_models']}; pass its base model "
@@ -229,7 +245,9 @@ def resolve_guidance(
 
     `guidance` is None (engine defaults for all), one dict {"beta": ..., "weights": [...]}
     for every prompt, or a list with one dict (or None) per prompt. A dict may leave out
-    either key; the default fills it in. None entries mean "engine defaults".
+    either key; the default fills it in. None entries mean "engine defaults". A dict may
+    also carry "prompts" (per-model prompts, genarm_vllm/prompts.py), checked here and
+    read by `resolve_prompts`.
     """
     if guidance is None or isinstance(guidance, dict):
         guidance = [guidance] * num_prompts
@@ -244,11 +262,14 @@ def resolve_guidance(
         if item is None:
             resolved.append(None)
             continue
-        if not isinstance(item, dict) or set(item) - {"beta", "weights"}:
+        if not isinstance(item, dict) or set(item) - {"beta", "weights", "prompts"}:
             raise ValueError(
-                f"guidance[{i}] must be a dict with keys 'beta' and/or 'weights', got {item!r}"
+                f"guidance[{i}] must be a dict with keys 'beta' and/or 'weights' (and "
+                f"optionally 'prompts'), got {item!r}"
             )
         try:
+            if item.get("prompts") is not None:
+                check_prompts(item["prompts"], len(default_weights))
             resolved.append(
                 check_guidance(
                     item.get("beta", default_beta),
@@ -261,11 +282,26 @@ def resolve_guidance(
     return resolved
 
 
+def resolve_prompts(guidance: object, num_prompts: int, num_reward_models: int) -> list:
+    """Per prompt: its per-model prompt entries (checked), or None (no own prompts)."""
+    if guidance is None or isinstance(guidance, dict):
+        guidance = [guidance] * num_prompts
+    result = []
+    for i, item in enumerate(guidance):
+        entries = item.get("prompts") if isinstance(item, dict) else None
+        if entries is not None:
+            entries = check_prompts(entries, num_reward_models, f"guidance[{i}]['prompts']")
+        result.append(entries)
+    return result
+
+
 def row_guidance(row: Mapping, num_reward_models: int) -> dict | None:
-    """A batch-job row's own guidance ({"beta"?, "weights"?}, checked), or None."""
+    """A batch-job row's own guidance ({"beta"?, "weights"?, "prompts"?}, checked), or None."""
     guidance = {}
     if "beta" in row:
         guidance["beta"] = check_beta(row["beta"])
     if "weights" in row:
         guidance["weights"] = check_weights(row["weights"], num_reward_models)
+    if row.get("prompts") is not None:
+        guidance["prompts"] = check_prompts(row["prompts"], num_reward_models)
     return guidance or None

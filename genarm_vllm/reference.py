@@ -1,7 +1,9 @@
 """A batched Hugging Face transformers GenARM decoder: the correctness oracle.
 
-Same semantics as the engine: every model sees the same token ids and keeps its own
-KV cache; the next-token scores are `mix_logits(...)`; temperature, top-k and top-p
+Same semantics as the engine: every model keeps its own KV cache and reads its own
+prompt (the base's, unless a request's guidance gives it one: "prompts", see
+genarm_vllm/prompts.py) followed by the shared response tokens, with its own positions
+from 0; the next-token scores are `mix_logits(...)`; temperature, top-k and top-p
 act on the mixed scores (official GenARM code). Prompts are left-padded; each row stops
 at EOS (which is kept in the output, as vLLM does) or after max_new_tokens.
 With batch_size=1 this is how the official GenARM code runs.
@@ -15,8 +17,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from genarm_vllm.engine.validation import check_reward_models, tokenizer_length
-from genarm_vllm.guidance import check_guidance, resolve_guidance
+from genarm_vllm.guidance import SELF_MODEL, check_guidance, resolve_guidance
 from genarm_vllm.mixing import mix_logits
+from genarm_vllm.prompts import check_prompts, encode_prompts
+
+
+def _is_adapter(path: str) -> bool:
+    from genarm_vllm.engine.lora_adapter import is_lora_adapter
+
+    return is_lora_adapter(path)
 
 
 def top_k_top_p_filter(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -63,7 +72,13 @@ class ReferenceDecoder:
             return model.to(self.device).eval()
 
         self.base = load(str(base))
-        self.reward_models = [load(p) for p in self.reward_model_paths]
+        # "self": the base itself as a guiding model (its own KV cache here too).
+        self.reward_models = [self.base if p == SELF_MODEL else load(p)
+                              for p in self.reward_model_paths]
+        self.reward_tokenizers = [
+            self.tokenizer if p == SELF_MODEL or _is_adapter(p) else AutoTokenizer.from_pretrained(p)
+            for p in self.reward_model_paths
+        ]
         self.eos_token_id = self.tokenizer.eos_token_id
         self.pad_token_id = (
             self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -101,6 +116,7 @@ class ReferenceDecoder:
         if not (repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty!r}")
         prompt_ids = [self._encode(p) for p in prompts]
+        own_prompts = self._own_prompts(guidance, len(prompt_ids))
         per_prompt = [
             g or (self.beta, self.weights)
             for g in resolve_guidance(guidance, len(prompt_ids), self.beta, self.weights)
@@ -113,6 +129,7 @@ class ReferenceDecoder:
         for start in range(0, len(prompt_ids), batch_size):
             outputs += self._generate_batch(
                 prompt_ids[start : start + batch_size],
+                own_prompts[start : start + batch_size],
                 per_prompt[start : start + batch_size],
                 max_new_tokens,
                 temperature,
@@ -124,36 +141,60 @@ class ReferenceDecoder:
             )
         return outputs
 
+    def _own_prompts(self, guidance, num_prompts) -> list[list[list[int] | None]]:
+        """Per prompt, per reward model: its own prompt ids, or None (the base's prompt)."""
+        num_models = len(self.reward_models)
+        if guidance is None or isinstance(guidance, dict):
+            guidance = [guidance] * num_prompts
+        result = []
+        for i, item in enumerate(guidance):
+            entries = (item or {}).get("prompts") if isinstance(item, dict) else None
+            if entries is None:
+                result.append([None] * num_models)
+                continue
+            entries = check_prompts(entries, num_models, f"guidance[{i}]['prompts']")
+            result.append(encode_prompts(entries, self.reward_tokenizers, [None] * num_models,
+                                         f"guidance[{i}]['prompts']"))
+        return result
+
     def _generate_batch(
-        self, prompt_ids, guidance, max_new_tokens, temperature, top_k, top_p, generator, ignore_eos,
-        repetition_penalty,
+        self, prompt_ids, own_prompts, guidance, max_new_tokens, temperature, top_k, top_p,
+        generator, ignore_eos, repetition_penalty,
     ) -> list[list[int]]:
         rows = len(prompt_ids)
-        longest = max(len(p) for p in prompt_ids)
-        input_ids = torch.full((rows, longest), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((rows, longest), dtype=torch.long)
-        for i, ids in enumerate(prompt_ids):  # left padding
-            input_ids[i, longest - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, longest - len(ids) :] = 1
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        models = [self.base, *self.reward_models]
+        # Each model's own left-padded prompts, attention mask and (later) positions.
+        inputs, masks = [], []
+        for m in range(len(models)):
+            ids_m = [prompt_ids[i] if m == 0 or own_prompts[i][m - 1] is None
+                     else own_prompts[i][m - 1] for i in range(rows)]
+            longest = max(len(p) for p in ids_m)
+            input_ids = torch.full((rows, longest), self.pad_token_id, dtype=torch.long)
+            attention_mask = torch.zeros((rows, longest), dtype=torch.long)
+            for i, ids in enumerate(ids_m):  # left padding
+                input_ids[i, longest - len(ids) :] = torch.tensor(ids)
+                attention_mask[i, longest - len(ids) :] = 1
+            inputs.append(input_ids.to(self.device))
+            masks.append(attention_mask.to(self.device))
         beta = torch.tensor([b for b, _ in guidance], device=self.device)
         weights = torch.tensor([w for _, w in guidance], device=self.device).reshape(
             rows, len(self.reward_models)
         )
 
-        models = [self.base, *self.reward_models]
         caches: list = [None] * len(models)
         outputs: list[list[int]] = [[] for _ in range(rows)]
         finished = torch.zeros(rows, dtype=torch.bool, device=self.device)
-        step_ids = input_ids
+        step_ids = None  # None: each model's own prompt
         seen = None  # [rows, width] tokens seen so far, for the repetition penalty
         for _ in range(max_new_tokens):
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            position_ids = position_ids[:, -step_ids.shape[1] :]
             logits = []
             for m, model in enumerate(models):
+                ids = inputs[m] if step_ids is None else step_ids
+                attention_mask = masks[m]
+                position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+                position_ids = position_ids[:, -ids.shape[1] :]
                 out = model(
-                    input_ids=step_ids,
+                    input_ids=ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
                     past_key_values=caches[m],
@@ -181,10 +222,8 @@ class ReferenceDecoder:
             if bool(finished.all()):
                 break
             step_ids = next_ids.unsqueeze(-1)
-            attention_mask = torch.cat(
-                [attention_mask, torch.ones((rows, 1), dtype=attention_mask.dtype, device=self.device)],
-                dim=-1,
-            )
+            ones = torch.ones((rows, 1), dtype=torch.long, device=self.device)
+            masks = [torch.cat([mask, ones], dim=-1) for mask in masks]
         return outputs
 
     @staticmethod

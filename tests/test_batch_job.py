@@ -5,7 +5,6 @@ import json
 import random
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from batch_rows import (
@@ -20,8 +19,8 @@ from batch_rows import (
 )
 from vllm import SamplingParams
 
-from genarm_vllm.jobs.batch import run_job
 from genarm_vllm.cli import main
+from genarm_vllm.jobs.batch import run_job
 from genarm_vllm.jobs.fingerprint import differences, settings_path
 from genarm_vllm.jobs.progress import JobProgress
 from genarm_vllm.jobs.reorder import OrderedWriter
@@ -175,13 +174,14 @@ def test_the_cli_and_the_python_api_fingerprint_a_job_alike(tiny, monkeypatch):
     # given. On a GPU (no GenARM dtype default), dtype stays "auto" in both.
     from types import SimpleNamespace
 
-    from genarm_vllm import runtime
-    from genarm_vllm.jobs.batch import engine_settings
     from genarm_vllm.cli import parse_engine_flags
+    from genarm_vllm.engine import defaults
+    from genarm_vllm.jobs.batch import engine_settings
     from genarm_vllm.jobs.fingerprint import job_settings
 
     for gpu in (False, True):
-        monkeypatch.setattr(runtime, "has_gpu", lambda: gpu)
+        # engine.defaults holds its own name for has_gpu (imported from runtime).
+        monkeypatch.setattr(defaults, "has_gpu", lambda gpu=gpu: gpu)
         cli = job_settings(tiny["base"], [tiny["arm_small"]], None, None, GREEDY,
                            parse_engine_flags(["--max-model-len", "256"]))
         llm = SimpleNamespace(base=str(tiny["base"]), reward_models=[str(tiny["arm_small"])],
@@ -222,3 +222,41 @@ def test_kill_9_at_a_random_point_then_rerun_gives_the_uninterrupted_output(engi
     got = read_jsonl(out)
     assert [r["id"] for r in got] == [r["id"] for r in rows]  # every row exactly once
     assert out.read_text() == reference.read_text(), f"killed at {killed_with} rows"
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_every_sample_and_the_requested_logprobs_are_written(engine, tmp_path, n):
+    # The job used to write outputs[0] only: n - 1 samples and every logprob were dropped.
+    llm = engine("arm_small", ["arm_small"], beta=0.5)
+    rows = good_rows(8, seed=6)
+    params = SamplingParams(n=n, temperature=1.0, seed=11, max_tokens=5, logprobs=2)
+    out = tmp_path / "out.jsonl"
+    summary = run_job(llm, write_jsonl(tmp_path / "in.jsonl", rows), out, params,
+                      progress=False)
+    from genarm_vllm.tokenization import prompt_ids
+
+    tokenizer = llm.get_tokenizer()
+    want = llm.generate(
+        [{"prompt_token_ids": prompt_ids(tokenizer, r.get("prompt"), r.get("messages"))}
+         for r in rows], params,
+        guidance=[{k: r[k] for k in ("beta", "weights") if k in r} or None for r in rows],
+        use_tqdm=False)
+
+    def sample(c):
+        return {"generated_text": c.text, "generated_token_ids": list(c.token_ids),
+                "finish_reason": c.finish_reason,
+                "logprobs": [{str(t): lp.logprob for t, lp in p.items()} for p in c.logprobs]}
+
+    expected = []
+    for row, result in zip(rows, want):
+        samples = [sample(c) for c in sorted(result.outputs, key=lambda c: c.index)]
+        assert len(samples) == n
+        expected.append({**row, **(samples[0] if n == 1 else {"samples": samples})})
+    got = read_jsonl(out)
+    assert got == expected
+    assert all(len(p) >= 2 for r in expected for s in r.get("samples", [r])
+               for p in s["logprobs"])  # the sampled token and the 2 most likely
+    assert summary.generated_tokens == sum(len(c.token_ids) for o in want for c in o.outputs)
+    if n > 1:  # the samples differ: each is its own draw
+        assert any(len({tuple(s["generated_token_ids"]) for s in r["samples"]}) > 1
+                   for r in got)

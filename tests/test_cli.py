@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from vllm import SamplingParams
 
-from genarm_vllm.jobs.batch import run_job
 from genarm_vllm.cli import main
+from genarm_vllm.jobs.batch import run_job
 from genarm_vllm.jobs.fingerprint import settings_path
 from genarm_vllm.testing import build_model, build_tokenizer
 from genarm_vllm.tokenization import prompt_ids
@@ -176,5 +176,75 @@ def test_generate_cli_errors(tiny, tmp_path, capsys):
     # As a user sees it: a non-zero exit and the message.
     result = cli(*base_args, "--input", bad, "--on-error", "fail")
     assert result.returncode == 2 and "line 4: beta must be" in result.stderr
-    code, err = run_main(capsys, *base_args, "--input", good, "--chunk-size", "8")
-    assert code == 2 and "--chunk-size only apply with --ray" in err
+    code, err = run_main(capsys, *base_args, "--input", good, "--replicas", "2")
+    assert code == 2 and "--replicas: applies only with --ray; add --ray" in err
+
+
+def test_chunk_size_without_ray_is_ignored_with_a_warning(tiny, engine, tmp_path, capsys):
+    # Scripts of the old chunked job pass --chunk-size: it used to stop them with
+    # "--chunk-size only apply with --ray".
+    llm = engine("arm_small", ["arm_small"], beta=0.5)
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    outfile = tmp_path / "out.jsonl"
+    run_job(llm, infile, outfile, GREEDY, progress=False)
+    code, err = run_main(capsys, "generate", "--base", tiny["base"], "--reward-model",
+                         tiny["arm_small"], "--beta", "0.5", "--input", infile, "--output",
+                         outfile, "--temperature", "0", "--max-tokens", "12", "--ignore-eos",
+                         "--max-model-len", "256", "--enforce-eager", "--dtype", "float32",
+                         "--chunk-size", "8")
+    assert code == 0, err
+    assert "warning: --chunk-size ignored" in err and "applies with --ray only" in err
+
+
+def test_the_cli_reads_the_input_once_before_the_first_row(tiny, engine, tmp_path, capsys,
+                                                           monkeypatch):
+    # It used to read it 5 times more (check, resume and count in the CLI, resume and
+    # count again in run_job) before generating.
+    from genarm_vllm.jobs import batch
+
+    llm = engine("arm_small", ["arm_small"], beta=0.5)
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    full, outfile = tmp_path / "full.jsonl", tmp_path / "out.jsonl"
+    run_job(llm, infile, full, GREEDY, progress=False)
+    outfile.write_text("".join(full.read_text().splitlines(keepends=True)[:2]))
+    shutil.copy(settings_path(full), settings_path(outfile))
+    opened = []
+
+    def counting_open(file, *args, **kwargs):
+        if Path(file) == infile:
+            opened.append(file)
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "open", counting_open, raising=False)
+    monkeypatch.setattr("genarm_vllm.engine.llm.GuidedLLM", lambda *a, **k: llm)
+    code, err = run_main(capsys, "generate", "--base", tiny["base"], "--reward-model",
+                         tiny["arm_small"], "--beta", "0.5", "--input", infile, "--output",
+                         outfile, "--temperature", "0", "--max-tokens", "12", "--ignore-eos",
+                         "--max-model-len", "256", "--enforce-eager", "--dtype", "float32",
+                         "--on-error", "fail")
+    assert code == 0, err
+    assert outfile.read_text() == full.read_text()
+    assert len(opened) == 2  # one pass to prepare (check, resume, count), one to generate
+
+
+def test_on_error_and_the_reorder_buffer_are_defined_once(tiny, tmp_path, monkeypatch):
+    from genarm_vllm.cli import build_parser
+    from genarm_vllm.jobs import batch, ray_job
+
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    messages = []
+    for run in (lambda: run_job(None, infile, tmp_path / "o.jsonl", GREEDY, on_error="skip"),
+                lambda: ray_job.run_ray_job(tiny["base"], [tiny["arm_small"]], infile,
+                                            tmp_path / "o.jsonl", GREEDY, on_error="skip")):
+        with pytest.raises(ValueError) as raised:
+            run()
+        messages.append(str(raised.value))
+    assert messages[0] == messages[1] == "on_error must be one of continue, fail, got 'skip'"
+    import genarm_vllm.cli as cli_module
+
+    monkeypatch.setattr(cli_module, "REORDER_BUFFER", 7)
+    monkeypatch.setattr(cli_module, "ON_ERROR", ("continue", "fail", "retry"))
+    args = build_parser().parse_args(["generate", "--base", "b", "--reward-model", "r",
+                                      "--input", "i", "--output", "o", "--on-error", "retry"])
+    assert (args.reorder_buffer, args.on_error) == (7, "retry")
+    assert batch.REORDER_BUFFER == ray_job.REORDER_BUFFER

@@ -139,16 +139,27 @@ def kv_bytes_per_token(config, dtype_bytes=4):
 
 
 def test_kv_capacity_counts_every_model_once(tiny, engine):
+    import torch
     from transformers import AutoConfig
 
     llm = engine("arm_small", ["arm_small"], beta=0.5)
-    cache = llm.llm.llm_engine.vllm_config.cache_config
-    base = kv_bytes_per_token(AutoConfig.from_pretrained(tiny["base"]))
-    arm = kv_bytes_per_token(AutoConfig.from_pretrained(tiny["arm_small"]))
+    config = llm.llm.llm_engine.vllm_config
+    cache = config.cache_config
+    # The KV cache's element size: the model's dtype (float32 here; bfloat16 on a GPU, where
+    # GenARM refuses float32 with an ARM of larger head size), or cache_dtype when set.
+    kv_dtype = config.model_config.dtype if cache.cache_dtype in (None, "auto") else {
+        "bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.float16,
+    }.get(str(cache.cache_dtype), torch.uint8)  # fp8 variants: one byte
+    dtype_bytes = torch.empty((), dtype=kv_dtype).element_size()
+    base = kv_bytes_per_token(AutoConfig.from_pretrained(tiny["base"]), dtype_bytes)
+    arm = kv_bytes_per_token(AutoConfig.from_pretrained(tiny["arm_small"]), dtype_bytes)
     # base: 2 layers x 2 KV heads x 32 x 4 B x (K,V) = 1024 B; ARM: 1 x 1 x 64 x 4 x 2 = 512 B
-    assert (base, arm) == (1024, 512)
+    # (float32; half of each in 16-bit)
+    assert (base, arm) == (256 * dtype_bytes, 128 * dtype_bytes)
     # The cache's bytes shared by all layers of both models: one block of block_size tokens
-    # costs (base + arm) bytes per token (a cache per model, nothing duplicated).
+    # (128 on CPU, 16 with FlashAttention on a GPU) costs (base + arm) bytes per token (a
+    # cache per model, nothing duplicated). kv_cache_memory_bytes is honoured on both
+    # (vLLM 0.33 v1/worker/gpu_worker.py determine_available_memory; cpu_worker.py).
     assert cache.kv_cache_memory_bytes  # set by conftest.TEST_ENGINE_ARGS
     want = (cache.kv_cache_memory_bytes // (base + arm)) // cache.block_size
     assert cache.num_gpu_blocks == want

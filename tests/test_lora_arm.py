@@ -43,7 +43,7 @@ def build_adapter(base, path, *, seed, targets=ALL, r=8, alpha=16, rslora=False,
 @pytest.fixture(scope="module")
 def lora(tiny, tmp_path_factory):
     """Adapters on the tiny base and their merged full-model folders."""
-    from genarm_vllm.train import merge_adapter
+    from genarm_vllm.training import merge_adapter
 
     root = tmp_path_factory.mktemp("lora")
     made = {
@@ -190,7 +190,7 @@ def test_pack_bundle_with_an_adapter_loads_in_plain_vllm(tiny, engine, lora, tmp
 
 @pytest.mark.slow
 def test_train_arm_lora_adapter_is_a_reward_model_as_saved(tiny, engine, tmp_path_factory):
-    """`train-arm --mode lora --save-adapter` on the base (GenARM's recipe): the saved
+    """`train-arm --mode lora --merge --save-adapter` on the base (GenARM's recipe): the saved
     adapter folder steers like the merged ARM folder train-arm writes next to it."""
     from genarm_vllm.cli import main
     from genarm_vllm.testing import random_corpus
@@ -202,7 +202,7 @@ def test_train_arm_lora_adapter_is_a_reward_model_as_saved(tiny, engine, tmp_pat
     out = root / "arm"
     assert main(["train-arm", "--init", str(tiny["base"]), "--data", str(root / "prefs.jsonl"),
                  "--out", str(out), "--mode", "lora", "--lora-targets", "q_proj,v_proj,down_proj",
-                 "--save-adapter", "--epochs", "1", "--lr", "3e-3", "--batch-size", "8",
+                 "--merge", "--save-adapter", "--epochs", "1", "--lr", "3e-3", "--batch-size", "8",
                  "--seed", "1"]) == 0
     adapter = out / "lora_adapter"
     llm = engine("lora trained", reward_paths=[adapter], beta=0.5)

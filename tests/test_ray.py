@@ -21,18 +21,24 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import psutil  # noqa: E402
 import pytest  # noqa: E402
 import ray  # noqa: E402
+from batch_rows import (  # noqa: E402, I001
+    POISON,
+    build_poison_models,
+    check_poisoned_output,
+    good_rows,
+    kill_when_lines,
+    read_jsonl,
+    write_poisoned,
+)
 from vllm import SamplingParams  # noqa: E402
 
+from genarm_vllm.cli import main, parse_engine_flags  # noqa: E402
 from genarm_vllm.jobs import ray_job  # noqa: E402
 from genarm_vllm.jobs.batch import run_job  # noqa: E402
-from genarm_vllm.cli import main, parse_engine_flags  # noqa: E402
 from genarm_vllm.jobs.fingerprint import settings_path  # noqa: E402
 from genarm_vllm.jobs.progress import JobSummary  # noqa: E402
 from genarm_vllm.runtime import LOCAL_ENV  # noqa: E402
 from genarm_vllm.testing import build_model, build_tokenizer  # noqa: E402
-from batch_rows import (  # noqa: E402, I001
-    POISON, build_poison_models, check_poisoned_output, good_rows, kill_when_lines, read_jsonl,
-    write_poisoned)
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 ENGINE_FLAGS = ["--max-model-len", "256", "--enforce-eager", "--dtype", "float32"]
@@ -122,7 +128,7 @@ def test_cli_passes_ray_and_engine_flags(tiny, tmp_path, monkeypatch, capsys):
     assert (kwargs["on_error"], kwargs["reorder_buffer"]) == ("continue", 4096)
 
     code = main([str(a) for a in [*args, "--replicas", "2"]])
-    assert code == 2 and "--replicas only apply with --ray" in capsys.readouterr().err
+    assert code == 2 and "--replicas: applies only with --ray" in capsys.readouterr().err
 
 
 def test_replica_builds_guided_llm_with_the_engine_flags(monkeypatch):
@@ -135,7 +141,7 @@ def test_replica_builds_guided_llm_with_the_engine_flags(monkeypatch):
         def get_tokenizer(self):
             return None
 
-    monkeypatch.setattr("genarm_vllm.engine.GuidedLLM", FakeGuidedLLM)
+    monkeypatch.setattr("genarm_vllm.engine.llm.GuidedLLM", FakeGuidedLLM)
     flags = {"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}
     ray_job._Replica("B", ["A"], 0.5, [2.0], flags, GREEDY)
     assert built == [("B", ["A"], {"beta": 0.5, "weights": [2.0], **flags})]
@@ -338,3 +344,144 @@ def test_driver_memory_does_not_grow_with_the_input(ray_cluster, tiny, tmp_path)
     print(f"driver peak RSS: {peaks[1000] / 1024:.0f} MiB (1,000 rows), "
           f"{peaks[10000] / 1024:.0f} MiB (10,000 rows): {ratio:.2f}x")
     assert ratio < 1.25, peaks
+
+
+# Peak RSS from VmHWM: getrusage's ru_maxrss survives exec, so a child of this (large)
+# test process would report the test process's own peak.
+READER = """
+import re, sys
+import pyarrow.fs
+from genarm_vllm.jobs.ray_job import numbered_blocks
+path, rows, biggest = sys.argv[1], 0, 0
+with pyarrow.fs.LocalFileSystem().open_input_stream(path) as f:
+    for table in numbered_blocks(f, path, 0, 0):
+        rows, biggest = rows + table.num_rows, max(biggest, table.nbytes)
+peak = re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)
+print("ROWS", rows, "BIGGEST", biggest, "PEAK_RSS_KB", peak)
+"""
+
+
+def test_reader_memory_does_not_grow_with_the_shard(tmp_path):
+    """The driver-memory test's method, applied to the Ray reader of one shard: 10x the rows
+    (10 -> 100 MB, one file) must raise the reading process's peak RSS by at most 1.25x. The
+    reader used to read each shard whole (f.readall()) and hold all its lines: measured
+    (2026-12-06, VmHWM) 178 MiB -> 373 MiB, 2.1x; streamed, 178 -> 196-206 MiB, 1.04-1.15x."""
+    peaks = {}
+    for n in (1000, 10000):
+        infile = write_jsonl(tmp_path / f"in{n}.jsonl",
+                             [{"id": i, "prompt": "the cat sat", "pad": "x" * 10_000}
+                              for i in range(n)])
+        result = subprocess.run([sys.executable, "-c", READER, str(infile)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        fields = result.stdout.split()
+        assert int(fields[fields.index("ROWS") + 1]) == n
+        assert int(fields[fields.index("BIGGEST") + 1]) < 2 * ray_job.READ_BLOCK_BYTES
+        peaks[n] = int(fields[fields.index("PEAK_RSS_KB") + 1])
+    ratio = peaks[10000] / peaks[1000]
+    print(f"reader peak RSS: {peaks[1000] / 1024:.0f} MiB (10 MB shard), "
+          f"{peaks[10000] / 1024:.0f} MiB (100 MB shard): {ratio:.2f}x")
+    assert ratio < 1.25, peaks
+
+
+def test_the_reader_numbers_every_line_from_the_start_position(tmp_path):
+    import pyarrow.fs
+
+    lines = ["{\"id\": 0}", "", "{\"id\": 2}\r", "x" * 300, "{\"id\": 4}"]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(("\n".join(lines)).encode())  # no \n after the last line
+    for start in (100, 102, 104):  # the shard's lines are input positions 100..104
+        with pyarrow.fs.LocalFileSystem().open_input_stream(str(path)) as f:
+            tables = list(ray_job.numbered_blocks(f, "shard", 100, start))
+        got = [row for t in tables for row in t.to_pylist()]
+        assert got == [{"index": 100 + k, "file": "shard", "line": k + 1, "text": text.rstrip("\r")}
+                       for k, text in enumerate(lines) if 100 + k >= start]
+
+
+def test_a_batch_counts_rows_set_from_two_threads_at_once():
+    # _Batch.set runs in a call's thread and in the engine thread. The count is made to
+    # yield between its read and its write (as a thread switch there would): without a
+    # lock both threads read 2 and write 1, and the batch never finishes.
+    class YieldingCount(int):
+        def __sub__(self, other):
+            value = int(self)
+            time.sleep(0.05)
+            return YieldingCount(value - other)
+
+    batch = ray_job._Batch(2)
+    batch.remaining = YieldingCount(2)
+    threads = [threading.Thread(target=batch.set, args=(k, ("line", "", "", 1)))
+               for k in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert batch.remaining == 0 and batch.done.is_set()
+
+
+def test_replicas_run_the_engine_settings_the_driver_recorded(tiny, tmp_path, monkeypatch):
+    # A CPU head with GPU workers: the driver's defaults (float32, no chunked prefill) are
+    # what the settings file records, and so what every replica's engine must get; a
+    # replica used to apply its own node's defaults (bf16 "auto" on a GPU).
+    from genarm_vllm.engine import defaults
+
+    class Stop(Exception):
+        pass
+
+    captured = {}
+
+    class FakeDataset:
+        def map_batches(self, fn, **kwargs):
+            captured.update(kwargs)
+            raise Stop
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)  # no Ray is started
+    monkeypatch.setattr(ray.data, "read_datasource", lambda *a, **k: FakeDataset())
+    monkeypatch.setattr(ray_job, "numbered_lines_datasource", lambda *a: None)
+    monkeypatch.setattr(defaults, "has_gpu", lambda: False)  # the driver
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS[:3])
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(Stop):
+        ray_job.run_ray_job(tiny["base"], [tiny["arm_small"]], infile, out, GREEDY,
+                            beta=0.5, vllm_kwargs={"enforce_eager": True}, gpus_per_replica=0,
+                            progress=False)
+    recorded = json.loads(settings_path(out).read_text())
+    base, arms, beta, weights, engine_kwargs, params = captured["fn_constructor_args"]
+
+    built = []
+
+    class FakeLLM:
+        def __init__(self, model, **kwargs):
+            built.append(kwargs)
+
+        def get_tokenizer(self):
+            return None
+
+    monkeypatch.setattr("vllm.LLM", FakeLLM)
+    monkeypatch.setattr(defaults, "has_gpu", lambda: True)  # a GPU worker
+    ray_job._Replica(base, arms, beta, weights, engine_kwargs, params)
+    (ran,) = built
+    for name in ("dtype", "max_model_len", "kv_cache_dtype", "quantization", "seed"):
+        assert recorded[f"engine.{name}"] == ran.get(name, recorded[f"engine.{name}"]), name
+    assert ran["dtype"] == recorded["engine.dtype"] == "float32"
+    assert ran["enable_chunked_prefill"] is False and ran["enforce_eager"] is True
+    assert ran["logprobs_mode"] == "processed_logprobs"
+
+
+@pytest.mark.slow
+def test_a_failed_engine_restarts_its_replica_and_loses_no_row(ray_cluster, reference, tiny,
+                                                               tmp_path):
+    # An engine failure used to leave the replica up with a dead engine: every later call
+    # failed, Ray never restarted it, the job failed. Now the replica's process ends, Ray
+    # restarts it and re-runs its batches.
+    infile = write_jsonl(tmp_path / "in.jsonl", ROWS)
+    outfile = tmp_path / "out.jsonl"
+    marker = tmp_path / "engine-failed"
+    summary = ray_job.run_ray_job(
+        tiny["base"], [tiny["arm_small"]], infile, outfile, GREEDY, beta=0.5,
+        vllm_kwargs=dict(enforce_eager=True, max_model_len=256, dtype="float32"),
+        replicas=1, cpus_per_replica=1, chunk_size=4,
+        env_vars={**ACTOR_ENV, ray_job.FAIL_ONCE_ENV: str(marker)}, progress=False)
+    assert marker.exists(), "no engine failed"
+    assert summary.rows_done == len(ROWS)
+    assert outfile.read_text() == reference  # every row exactly once, in order

@@ -308,3 +308,25 @@ def test_plain_vllm_server_on_a_bundle(padded_pair, tmp_path):
             ReferenceDecoder(models["base_plus"], [models["arm"]], beta=0.5).generate(PROMPTS[:1], MAX_TOKENS)[0]
     finally:
         stop_tree(proc)
+
+
+@pytest.mark.slow
+def test_per_model_prompts_over_http(server, client, engine):
+    # genarm_prompts: one string per reward model; "<base>" = reads the base's prompt.
+    # (The tiny Qwen2 ARM reads the base's prompt: transformers loads its word-level
+    # tokenizer as a Qwen2Tokenizer, which tokenizes these words to nothing.)
+    xargs = {"genarm_prompts": ["the cat sat on the mat", "<base>"], "genarm_beta": 0.5}
+    got = [complete(client, p, xargs).choices[0].token_ids for p in PROMPTS[:3]]
+    llm = engine("small+qwen2", ARMS, beta=0.7, weights=[1.0, -0.5])
+    want = llm.generate(PROMPTS[:3], SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
+                        guidance={"beta": 0.5, "weights": [1.0, 1.0],
+                                  "prompts": ["the cat sat on the mat", None]}, use_tqdm=False)
+    assert got == [list(o.outputs[0].token_ids) for o in want]
+    for bad in (["a"], ["json:[1, 10000000]", "<base>"], ["json:[", "<base>"]):
+        body = json.dumps({"model": "genarm-tiny", "prompt": PROMPTS[0], "max_tokens": 4,
+                           "vllm_xargs": {"genarm_prompts": bad}})
+        response = requests.post(server[1] + "/v1/completions", data=body, timeout=60,
+                                 headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        assert "genarm_prompts" in response.json()["error"]["message"]
+    assert len(complete(client, PROMPTS[0]).choices[0].token_ids) == MAX_TOKENS

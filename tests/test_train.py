@@ -1,7 +1,8 @@
 """`genarm-vllm train-arm` on transformers.Trainer: the GenARM loss (float64 check through the
 trainer), masking and padding, the row layouts (plain, UltraFeedback messages, HH-RLHF), learning
 a synthetic preference in every mode and from every source, guided generation with the trained
-ARMs, checkpoint / resume, LoRA merging, recipes, and bad-data errors."""
+ARMs, checkpoint / resume, LoRA adapter folders (the engine serves them) and merging, recipes,
+and bad-data errors."""
 
 import json
 import math
@@ -12,24 +13,22 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from vllm import SamplingParams
 
-from genarm_vllm import train
+from genarm_vllm import training
 from genarm_vllm.cli import build_parser, main
-from genarm_vllm.testing import WORDS, build_model, build_tokenizer
+from genarm_vllm.reference import ReferenceDecoder
+from genarm_vllm.testing import PROMPTS, WORDS, build_model, build_tokenizer
 from genarm_vllm.tokenization import prompt_ids, response_ids
-from genarm_vllm.train import (
+from genarm_vllm.training import merge_adapter, train_arm
+from genarm_vllm.training.data import Pair, collate, encode_pair
+from genarm_vllm.training.loss import arm_preference_loss, pair_logps, response_logps
+from genarm_vllm.training.options import (
     METRICS_FILE,
     RECIPES,
-    Pair,
     TrainOptions,
-    arm_preference_loss,
-    collate,
-    encode_pair,
-    merge_adapter,
-    pair_logps,
+    options_from_args,
     resolve_options,
-    response_logps,
-    train_arm,
 )
+from genarm_vllm.training.trainer import arm_trainer_class, training_arguments
 
 MARKER = "love"  # chosen responses contain it, rejected ones do not
 OTHER_WORDS = [w for w in WORDS if w != MARKER]
@@ -79,6 +78,12 @@ def write_jsonl(path, rows):
 
 def state_dict(path):
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+def adapter_tensors(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "adapter_model.safetensors"))
 
 
 def accuracy(model_dir, rows, chat_template=False):
@@ -131,14 +136,27 @@ def trained_ds(arm_init, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_chat(arm_init, tmp_path_factory):
-    """LoRA from conversation rows (messages and HH-RLHF), chat template, adapter kept."""
+    """LoRA from conversation rows (messages and HH-RLHF), chat template, merged into a full
+    folder (the init is not the base), adapter kept."""
     root = tmp_path_factory.mktemp("arm_chat")
     data = write_jsonl(root / "conversations.jsonl", conversation_rows(200, seed=0))
     out = root / "arm"
     metrics = train_arm(arm_init, data, out, mode="lora", lora_targets="q_proj,v_proj,o_proj",
-                        epochs=2, lr=3e-3, batch_size=8, eval_fraction=0.2, save_adapter=True,
-                        chat_template=True, progress=False)
+                        epochs=2, lr=3e-3, batch_size=8, eval_fraction=0.2, merge=True,
+                        save_adapter=True, chat_template=True, progress=False)
     return out, metrics
+
+
+@pytest.fixture(scope="module")
+def trained_lora(tiny, prefs, tmp_path_factory):
+    """LoRA on the base itself (GenARM's recipe) through the CLI, default output: the ARM
+    folder is the adapter; (ARM folder, exit code)."""
+    out = tmp_path_factory.mktemp("arm_lora") / "arm"
+    code = main(["train-arm", "--init", str(tiny["base"]), "--data", str(prefs), "--out", str(out),
+                 "--base", str(tiny["base"]), "--mode", "lora", "--lora-targets",
+                 "q_proj,v_proj,o_proj,down_proj", "--epochs", "2", "--lr", "3e-3",
+                 "--batch-size", "8", "--eval-fraction", "0.2", "--seed", "1"])
+    return out, code
 
 
 # ----------------------------------------------------------------------------- loss, masking
@@ -171,9 +189,9 @@ def test_trainer_loss_on_a_batch_equals_float64_hand_computation(arm_init, tmp_p
             p.add_(torch.randn_like(p) * 0.2)
     beta_r = 0.3
     opts = resolve_options(beta_r=beta_r, gamma=gamma, device="cpu")
-    args = train.training_arguments(opts, tmp_path, has_eval=False, resuming=False, progress=False)
-    trainer = train.arm_trainer_class()(model=model, args=args, beta_r=beta_r, gamma=gamma,
-                                        vocab_size=len(tokenizer))
+    args = training_arguments(opts, tmp_path, has_eval=False, resuming=False, progress=False)
+    trainer = arm_trainer_class()(model=model, args=args, beta_r=beta_r, gamma=gamma,
+                                  vocab_size=len(tokenizer))
     pairs = [encode_pair(r, tokenizer, 512, False) for r in preference_rows(6, seed=4)]
     batch = collate(pairs, tokenizer.pad_token_id)
     got = trainer.compute_loss(model, batch).item()
@@ -253,7 +271,8 @@ def test_tokenization_prompt_then_response_then_eos(tiny):
     assert pair.prompt_ids == prompt_ids(tokenizer, prompt="the cat sat")
     assert pair.prompt_ids == tokenizer("the cat sat").input_ids
     assert pair.chosen_ids == response_ids(tokenizer, "on the mat")
-    assert pair.chosen_ids == tokenizer("on the mat", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert pair.chosen_ids == (tokenizer("on the mat", add_special_tokens=False).input_ids
+                               + [tokenizer.eos_token_id])
     # The chat template renders the prompt as one user message ready for the answer.
     pair = encode_pair(row, tokenizer, 512, True)
     assert pair.prompt_ids == tokenizer("user: the cat sat assistant: ", add_special_tokens=False).input_ids
@@ -348,7 +367,8 @@ def test_top_layers_mode_from_a_datasets_folder(arm_init, trained_ds):
     assert accuracy(out, preference_rows(60, seed=7)) >= 0.9
 
 
-def test_lora_from_conversation_rows_merged_folder_equals_adapter(arm_init, trained_chat, tmp_path):
+def test_lora_with_merge_from_conversation_rows_merged_folder_equals_adapter(arm_init, trained_chat,
+                                                                             tmp_path):
     from peft import PeftModel
 
     out, metrics = trained_chat
@@ -358,7 +378,7 @@ def test_lora_from_conversation_rows_merged_folder_equals_adapter(arm_init, trai
     adapter = out / "lora_adapter"
     assert metrics["adapter_dir"] == str(adapter) and (adapter / "adapter_config.json").exists()
     assert not (adapter / "training_args.bin").exists()
-    # A plain model folder: no LoRA weights, loads without peft.
+    # --merge: a plain model folder: no LoRA weights, loads without peft.
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert not any("lora" in name for name in merged.state_dict())
     assert not (out / "adapter_config.json").exists()
@@ -375,13 +395,20 @@ def test_lora_from_conversation_rows_merged_folder_equals_adapter(arm_init, trai
     assert (rebuilt / "tokenizer.json").exists()
 
 
-@pytest.mark.slow  # an engine with three ARMs
+def marker_engine(tiny, engine, trained, trained_ds, trained_chat, trained_lora):
+    """One engine (built once) with the four trained ARMs: three full folders and the LoRA
+    adapter folder, served as a LoRA ARM on the base's weights."""
+    return engine("train-arm marker", base=tiny["base"], beta=1.0, reward_paths=[
+        trained[0], trained_ds[0], trained_chat[0], trained_lora[0]])
+
+
+@pytest.mark.slow  # an engine with four ARMs
 def test_guided_generation_with_each_trained_arm_prefers_the_marker(tiny, engine, trained,
-                                                                    trained_ds, trained_chat):
-    """One engine, the three ARMs (JSONL full, datasets top-layers, conversations LoRA), each
-    switched on alone by per-request weights (2: beta 0.5), against the base alone."""
-    llm = engine("train-arm marker", base=tiny["base"], reward_paths=[trained[0], trained_ds[0],
-                                                                     trained_chat[0]], beta=1.0)
+                                                                    trained_ds, trained_chat,
+                                                                    trained_lora):
+    """One engine, the three full ARMs (JSONL full, datasets top-layers, conversations LoRA
+    merged), each switched on alone by per-request weights (2: beta 0.5), against the base alone."""
+    llm = marker_engine(tiny, engine, trained, trained_ds, trained_chat, trained_lora)
     tokenizer = llm.get_tokenizer()
     marker_id = tokenizer.convert_tokens_to_ids(MARKER)
     rows = preference_rows(40, seed=11)
@@ -394,9 +421,59 @@ def test_guided_generation_with_each_trained_arm_prefers_the_marker(tiny, engine
         outputs = llm.generate(prompts, params, guidance={"weights": weights}, use_tqdm=False)
         return sum(marker_id in o.outputs[0].token_ids for o in outputs) / len(outputs)
 
-    for prompts, weights in [(plain, [2.0, 0, 0]), (plain, [0, 2.0, 0]), (chat, [0, 0, 2.0])]:
-        guided, base_alone = marker_rate(prompts, weights), marker_rate(prompts, [0.0, 0, 0])
+    for prompts, weights in [(plain, [2.0, 0, 0, 0]), (plain, [0, 2.0, 0, 0]),
+                             (chat, [0, 0, 2.0, 0])]:
+        guided, base_alone = marker_rate(prompts, weights), marker_rate(prompts, [0.0, 0, 0, 0])
         assert guided >= base_alone + 0.4, (weights, guided, base_alone)
+
+
+def test_lora_mode_writes_an_adapter_folder_the_engine_accepts(tiny, trained_lora, prefs, tmp_path):
+    """Default --mode lora output: a PEFT adapter folder (no config.json, so the engine takes
+    it as a LoRA ARM on the base's weights) with the tokenizer and the metrics; no merged copy."""
+    from genarm_vllm.engine.lora_adapter import check_adapter, is_lora_adapter
+    from genarm_vllm.engine.validation import check_reward_models
+
+    out, code = trained_lora
+    assert code == 0
+    assert is_lora_adapter(out) and not (out / "config.json").exists()
+    assert (out / "adapter_model.safetensors").is_file()
+    assert not list(out.glob("model*.safetensors"))  # no full weights
+    adapter = check_adapter(str(tiny["base"]), out)
+    assert adapter.modules == ["q_proj", "v_proj", "o_proj", "down_proj"]
+    check_reward_models(str(tiny["base"]), [str(out)])
+    vocab = AutoTokenizer.from_pretrained(tiny["base"]).get_vocab()
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == vocab
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert metrics["adapter_dir"] == str(out) and metrics["args"]["merge"] is False
+    assert metrics["eval"][-1]["mean_margin"] > metrics["eval"][0]["mean_margin"]  # it trained
+    assert not (out / "lora_adapter").exists() and not (out / "checkpoints").exists()
+    # merge_adapter rebuilds the full ARM from it; writing a full ARM into it is refused.
+    merged = merge_adapter(tiny["base"], out, tmp_path / "merged")
+    assert (merged / "config.json").is_file() and not is_lora_adapter(merged)
+    code = main(["train-arm", "--init", str(tiny["base"]), "--data", str(prefs), "--out", str(out),
+                 "--mode", "lora", "--merge"])
+    assert code == 2 and (out / "adapter_config.json").is_file()
+    code = main(["train-arm", "--init", str(tiny["base"]), "--data", str(prefs), "--out",
+                 str(merged), "--mode", "lora"])
+    assert code == 2 and not (merged / "adapter_config.json").exists()
+
+
+@pytest.mark.slow  # the engine of the marker test
+def test_lora_adapter_arm_is_token_exact_in_the_engine(tiny, engine, trained, trained_ds,
+                                                       trained_chat, trained_lora, tmp_path):
+    """The adapter folder train-arm writes, served as a LoRA ARM on the base's weights, decodes
+    greedily as the reference decoder does with the adapter merged into a full ARM."""
+    llm = marker_engine(tiny, engine, trained, trained_ds, trained_chat, trained_lora)
+    merged = merge_adapter(tiny["base"], trained_lora[0], tmp_path / "merged")
+    reference = ReferenceDecoder(tiny["base"], [trained[0], trained_ds[0], trained_chat[0], merged],
+                                 beta=1.0)
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    guidance = {"weights": [0.0, 0.0, 0.0, 3.0]}
+    got = [list(o.outputs[0].token_ids)
+           for o in llm.generate(PROMPTS, greedy, guidance=guidance, use_tqdm=False)]
+    want = reference.generate(PROMPTS, 16, guidance=guidance, ignore_eos=True)
+    assert got == want
+    assert want != ReferenceDecoder(tiny["base"]).generate(PROMPTS, 16, ignore_eos=True)  # it steers
 
 
 class StopAfterCheckpoint(TrainerCallback):
@@ -415,7 +492,7 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(arm_init, 
     # LoRA with dropout: the resumed run must restore the optimizer, the schedule, the data
     # order and the RNG; 2 epochs of 8 steps, interrupted mid-way through the second.
     options = dict(mode="lora", epochs=2, lr=3e-3, batch_size=4, grad_accum=2, eval_fraction=0.1,
-                   save_steps=5, seed=3, save_adapter=True, progress=False)
+                   save_steps=5, seed=3, progress=False)
     whole = train_arm(arm_init, data, tmp_path / "whole", keep_checkpoints=True, **options)
     kept = sorted(p.name for p in (tmp_path / "whole" / "checkpoints").glob("checkpoint-*"))
     assert kept == ["checkpoint-15", "checkpoint-16"]  # every 5 steps and the last, 2 kept
@@ -425,15 +502,15 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_weights(arm_init, 
     assert (out / "checkpoints" / "checkpoint-10").is_dir() and not (out / METRICS_FILE).exists()
     code = main(["train-arm", "--init", str(arm_init), "--data", str(data), "--out", str(out),
                  "--resume", "--mode", "lora", "--epochs", "2", "--lr", "3e-3", "--batch-size", "4",
-                 "--grad-accum", "2", "--eval-fraction", "0.1", "--save-steps", "5", "--seed", "3",
-                 "--save-adapter"])
+                 "--grad-accum", "2", "--eval-fraction", "0.1", "--save-steps", "5", "--seed", "3"])
     assert code == 0
     resumed = json.loads((out / METRICS_FILE).read_text())
     assert whole["optimizer_steps"] == resumed["optimizer_steps"] == 16
     # The held-out history spans both runs: before training, epoch 1 (first run), epoch 2.
     assert [e["step"] for e in resumed["eval"]] == [e["step"] for e in whole["eval"]] == [0, 8, 16]
-    want, got = state_dict(tmp_path / "whole"), state_dict(out)
-    assert want.keys() == got.keys()
+    # The ARM folders are the LoRA adapters: their tensors are the trained weights.
+    want, got = adapter_tensors(tmp_path / "whole"), adapter_tensors(out)
+    assert want.keys() == got.keys() and want
     for name in want:
         assert torch.allclose(got[name], want[name], rtol=0, atol=1e-6), name
     assert resumed["eval"][-1]["accuracy"] == pytest.approx(whole["eval"][-1]["accuracy"])
@@ -471,7 +548,7 @@ def test_recipes_resolve_to_the_papers_hyperparameters():
     }
     assert set(RECIPES) == set(documented)
     for name, want in documented.items():
-        for opts in (resolve_options(name), resolve_options(**train.options_from_args(
+        for opts in (resolve_options(name), resolve_options(**options_from_args(
                 parse_train_args("--recipe", name)), recipe=name)):
             assert {k: getattr(opts, k) for k in want} == want, name
             assert opts.batch_size * opts.grad_accum == 32, name
@@ -479,12 +556,12 @@ def test_recipes_resolve_to_the_papers_hyperparameters():
     # Any flag overrides the recipe; the others keep the recipe's values.
     args = parse_train_args("--recipe", "hh", "--lr", "1e-4", "--lora-targets", "q_proj,o_proj",
                             "--no-load-in-4bit", "--trainer-arg", "optim=adafactor")
-    opts = resolve_options(args.recipe, **train.options_from_args(args))
+    opts = resolve_options(args.recipe, **options_from_args(args))
     assert (opts.lr, opts.lora_targets, opts.load_in_4bit, opts.beta_r, opts.warmup_steps) == (
         1e-4, ("q_proj", "o_proj"), False, 0.05, 100)
     assert opts.trainer_args == {"optim": "adafactor"}
     # Without a recipe: the TrainOptions defaults.
-    assert resolve_options(**train.options_from_args(parse_train_args())) == resolve_options()
+    assert resolve_options(**options_from_args(parse_train_args())) == resolve_options()
     assert resolve_options().lr == 1e-5 and resolve_options(mode="lora").lr == 5e-4
     assert TrainOptions().beta_r == 0.1
 
@@ -558,6 +635,10 @@ def test_bad_options_exit_2(arm_init, prefs, tmp_path, capsys):
     assert code == 2 and "beta_r must be a finite number > 0" in err
     code, err = run_cli(capsys, *common, "--save-adapter")
     assert code == 2 and "save_adapter needs mode lora" in err
+    code, err = run_cli(capsys, *common, "--merge")
+    assert code == 2 and "merge needs mode lora" in err
+    code, err = run_cli(capsys, *common, "--mode", "lora", "--save-adapter")
+    assert code == 2 and "save_adapter needs merge" in err
     code, err = run_cli(capsys, *common, "--data", tmp_path / "missing.jsonl")
     assert code == 2 and "does not exist" in err
     code, err = run_cli(capsys, *common, "--init", tmp_path / "no_model")
@@ -580,7 +661,8 @@ def test_bad_options_exit_2(arm_init, prefs, tmp_path, capsys):
 def test_shipped_deepspeed_config_is_zero3():
     from pathlib import Path
 
-    config = json.loads((Path(train.__file__).parents[1] / "launch" / "ds_zero3.json").read_text())
+    root = Path(training.__file__).parents[2]  # genarm_vllm/training/__init__.py
+    config = json.loads((root / "launch" / "ds_zero3.json").read_text())
     assert config["zero_optimization"]["stage"] == 3
     assert config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert config["train_micro_batch_size_per_gpu"] == "auto"  # taken from the train-arm flags

@@ -35,6 +35,7 @@ from genarm_vllm.demo.common import ARM_ROOT, ARTIFACTS, ASSETS, BASE_DIR
 
 NAMES = ("sentiment", "impersonal")
 ADAPTER = "adapter"  # assets/<name>/adapter: the LoRA adapter (peft format)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what is committed of it
 PAIRS = "pairs.jsonl"
 METRICS = "train_metrics.json"
 BUILT_MARKER = ".genarm-built.json"  # in a rebuilt ARM folder: which adapter it came from
@@ -136,13 +137,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def train(name: str, base: Path, arm_dir: Path, assets_root: Path = ASSETS,
           options: dict | None = None) -> dict:
-    """Train ARM `name` on <assets>/<name>/pairs.jsonl with `genarm-vllm train-arm`; store the
-    adapter (float16) and metrics in <assets>/<name>/ and the merged ARM at `arm_dir`."""
+    """Train ARM `name` on <assets>/<name>/pairs.jsonl with `genarm-vllm train-arm`: the LoRA
+    adapter ARM (with the tokenizer and metrics) at `arm_dir`; the adapter alone (float16) and
+    the metrics stored in <assets>/<name>/."""
     assets = assets_root / name
     command = [
         sys.executable, "-m", "genarm_vllm.cli", "train-arm",
         "--init", str(base), "--base", str(base), "--data", str(assets / PAIRS),
-        "--out", str(arm_dir), "--chat-template", "--save-adapter", str(assets / ADAPTER),
+        "--out", str(arm_dir), "--chat-template",
     ]
     for flag, value in {**TRAIN_OPTIONS, **(options or {})}.items():
         command += [f"--{flag}", str(value)]
@@ -152,10 +154,12 @@ def train(name: str, base: Path, arm_dir: Path, assets_root: Path = ASSETS,
     # Training is plain PyTorch: let it use every core (vLLM wants OMP_NUM_THREADS=1).
     env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)}
     subprocess.run(command, check=True, env=env)
+    (assets / ADAPTER).mkdir(parents=True)
+    for file in ADAPTER_FILES:
+        shutil.copy2(arm_dir / file, assets / ADAPTER / file)
     shrink_adapter(assets / ADAPTER)
     metrics = json.loads((arm_dir / "genarm_train_metrics.json").read_text())
     (assets / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-    mark_built(name, arm_dir, assets_root)
     return metrics
 
 
@@ -171,7 +175,8 @@ def shrink_adapter(adapter: Path) -> None:
 
 def retrain(base: Path, arm_root: Path, assets_root: Path = ASSETS, num_prompts: int | None = None,
             options: dict | None = None) -> dict[str, Path]:
-    """Sample, label and train both ARMs from scratch (overwrites the committed assets).
+    """Sample, label and train both ARMs from scratch (overwrites the committed assets);
+    the trained adapter ARM folders under `arm_root`.
 
     num_prompts / options (train-arm flags) shrink the recipe for a quick smoke run."""
     samples = ARTIFACTS / "arm-data" / "samples.jsonl"
@@ -226,7 +231,7 @@ def build(name: str, base: Path, arm_dir: Path, assets_root: Path = ASSETS) -> P
     adapter = assets_root / name / ADAPTER
     if not (adapter / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no committed adapter at {adapter}; run with --retrain")
-    from genarm_vllm.train import merge_adapter
+    from genarm_vllm.training import merge_adapter
 
     print(f"[arms] rebuilding the {name} ARM from {adapter} -> {arm_dir}", flush=True)
     tmp = arm_dir.with_name(arm_dir.name + ".tmp")
@@ -241,7 +246,7 @@ def build(name: str, base: Path, arm_dir: Path, assets_root: Path = ASSETS) -> P
 def adapter_dirs(assets_root: Path = ASSETS) -> dict[str, Path]:
     """The committed adapter folders: reward models as they are (LoRA ARMs)."""
     dirs = {name: assets_root / name / ADAPTER for name in NAMES}
-    for name, adapter in dirs.items():
+    for adapter in dirs.values():
         if not (adapter / "adapter_config.json").is_file():
             raise FileNotFoundError(f"no committed adapter at {adapter}; run with --retrain")
     return dirs
@@ -252,9 +257,8 @@ def prepare_arms(base: Path = BASE_DIR, arm_root: Path = ARM_ROOT, retrain_: boo
     """Both ARMs: the adapter folders (served on the base's weights), retrained from scratch
     first with retrain_; merged=True gives merged full ARM folders instead (two weight copies)."""
     if retrain_:
-        merged_dirs = retrain(base, arm_root, assets_root)
-        return merged_dirs if merged else adapter_dirs(assets_root)
-    if merged:
+        retrain(base, arm_root, assets_root)
+    if merged:  # from the committed (float16) adapters, also right after retraining
         return {name: build(name, base, arm_root / name, assets_root) for name in NAMES}
     return adapter_dirs(assets_root)
 

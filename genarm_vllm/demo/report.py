@@ -10,7 +10,7 @@ import json
 import textwrap
 from pathlib import Path
 
-from genarm_vllm.demo.scoring import bootstrap_mean
+from genarm_vllm.jobs.report import bootstrap_mean, markdown_table, plain_table
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -40,19 +40,6 @@ def summarise(rows: list[dict], settings: list[dict], speeds: dict) -> list[dict
 
 def interval(cell: dict, digits: int = 2) -> str:
     return f"{cell['mean']:.{digits}f} [{cell['low']:.{digits}f}, {cell['high']:.{digits}f}]"
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def plain_table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)) for line in [header, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n"
 
 
 def verdicts(table: list[dict]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Scorers for the demo, and bootstrap intervals of a mean.
+"""Scorers for the demo (bootstrap intervals of a mean: genarm_vllm.jobs.report).
 
 - VADER compound score (`vadersentiment`) in [-1, 1]: labels the ARM's training pairs.
 - AFINN (`afinn`): an independent word list (Nielsen 2011) that played no part in making
@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
 
-import numpy as np
+from genarm_vllm.jobs.report import bootstrap_mean  # noqa: F401  (its earlier home)
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,17 +57,3 @@ def first_person(text: str) -> float:
 
 
 SCORERS = {"vader": vader, "afinn": afinn, "first_person": first_person}
-
-
-def bootstrap_mean(
-    values: Sequence[float], resamples: int = 2000, confidence: float = 0.95, seed: int = 0
-) -> tuple[float, float, float]:
-    """(mean, low, high): the mean and its percentile-bootstrap interval."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return float("nan"), float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(means, [tail, 100 - tail])
-    return float(values.mean()), float(low), float(high)

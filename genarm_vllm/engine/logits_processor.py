@@ -27,6 +27,8 @@ name, so the name loads and pickles in every vLLM process.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from vllm.sampling_params import SamplingParams
@@ -35,9 +37,18 @@ from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from genarm_vllm.engine.step_logits import StepLogits, latest_step_logits
+from genarm_vllm.engine.prompt_views import REQUEST_PROMPTS, RequestPrompts, request_prompts
+from genarm_vllm.engine.step_logits import StepLogits, release_step_logits, take_step_logits
 from genarm_vllm.guidance import ARCHITECTURE, GuidanceConfig, request_guidance
 from genarm_vllm.mixing import combine_scores, guidance_coefficients
+from genarm_vllm.prompts import (
+    PROMPT_LENGTHS_KEY,
+    PROMPTS_KEY,
+    check_prompt_lengths,
+    parse_xargs_prompts,
+)
+
+logger = logging.getLogger(__name__)
 
 
 def remix_(
@@ -50,9 +61,12 @@ def remix_(
     bad words, logit bias) is kept. Rows on the engine's defaults are left exactly as they are.
     """
     if step.base.shape[0] != logits.shape[0]:
-        raise RuntimeError(
-            f"GenARM: {logits.shape[0]} logits rows but the model computed {step.base.shape[0]}"
-        )
+        # Rows cannot be matched to the model's (a vLLM path that samples rows other than
+        # compute_logits gave, e.g. a speculative-decoding slice): raising here would stop
+        # the engine for every request. These rows keep the engine's default mix.
+        logger.error("GenARM: %d logits rows but the model computed %d: this step's rows keep "
+                     "the engine's default guidance", logits.shape[0], step.base.shape[0])
+        return logits
     # The request's mix minus the default mix is sum_i (w_i/beta - w0_i/beta0) * arm_i:
     # the GenARM rule with those coefficient changes, added to the current scores.
     change = guidance_coefficients(beta, weights) - guidance_coefficients(
@@ -74,6 +88,23 @@ class GenARMLogitsProcessor:
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         # Runs at admission in the frontend (API server or LLM) process: a ValueError
         # here is HTTP 400 there, and vllm.LLM raises it.
+        extra = sampling_params.extra_args or {}
+        if PROMPTS_KEY in extra:  # the frontend turns it into a carrier (engine/carrier.py)
+            parse_xargs_prompts(extra[PROMPTS_KEY], cls.num_reward_models)
+        if PROMPT_LENGTHS_KEY in extra or PROMPTS_KEY in extra:  # a carrier (prompt_views.py)
+            if PROMPT_LENGTHS_KEY in extra:
+                check_prompt_lengths(extra[PROMPT_LENGTHS_KEY], cls.num_reward_models)
+            if cls.v2_runner:
+                raise ValueError(
+                    "per-model prompts (genarm_prompts / guidance 'prompts') are not supported "
+                    "under vLLM's Model Runner V2 yet: its processors get no prompt ids and "
+                    "no batch order hook; set VLLM_USE_V2_MODEL_RUNNER=0"
+                )
+            if sampling_params.prompt_logprobs is not None:
+                raise ValueError(
+                    "prompt_logprobs cannot be combined with per-model prompts (the scheduled "
+                    "prompt is every model's prompt concatenated)"
+                )
         override = request_guidance(sampling_params, cls.num_reward_models)
         if override is not None and cls.v2_runner and sampling_params.repetition_penalty != 1.0:
             raise ValueError(
@@ -118,6 +149,10 @@ class GenARMLogitsProcessorV1(GenARMLogitsProcessor, V1LogitsProcessor):
         self._init_guidance(vllm_config)
         self.device = device
         self.overrides: dict[int, tuple[float, list[float]]] = {}
+        # Per-model prompts: index -> RequestPrompts, read by the model's forward of the
+        # same step (update_state runs before it: engine/prompt_views.py).
+        self.prompts: dict[int, RequestPrompts] = {}
+        REQUEST_PROMPTS[id(vllm_config)] = self.prompts
 
     def is_argmax_invariant(self) -> bool:
         return False  # guidance changes which token is the argmax
@@ -126,9 +161,16 @@ class GenARMLogitsProcessorV1(GenARMLogitsProcessor, V1LogitsProcessor):
         process_dict_updates(
             self.overrides, batch_update, lambda params, _prompt, _output: self._resolve(params)
         )
+        process_dict_updates(
+            self.prompts, batch_update,
+            lambda params, prompt, _output: request_prompts(params, prompt, self.num_models),
+        )
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        # vLLM calls this in every sampling step (the processor is not argmax invariant):
+        # the step's logits are read, or released, here.
         if not self.overrides:
+            release_step_logits(self.vllm_config)
             return logits
         # One pass over the whole batch (rows on the defaults get a zero change) is
         # cheaper than gathering and scattering the overridden rows.
@@ -139,7 +181,7 @@ class GenARMLogitsProcessorV1(GenARMLogitsProcessor, V1LogitsProcessor):
             betas[index], weights[index] = beta, row_weights
         return remix_(
             logits, torch.tensor(betas, device=logits.device),
-            torch.tensor(weights, device=logits.device), latest_step_logits(self.vllm_config),
+            torch.tensor(weights, device=logits.device), take_step_logits(self.vllm_config),
         )
 
 
@@ -176,11 +218,14 @@ class GenARMLogitsProcessorV2(GenARMLogitsProcessor, V2LogitsProcessor):
         self.slot_weights.copy_to_uva()
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        # vLLM calls this in every step where any row needs sampling processing (not in a
+        # step of plain greedy rows: there the next step's logits replace these).
         if not self.slot_overrides[ctx.idx_mapping_np].any():
+            release_step_logits(self.vllm_config)
             return logits
         slots = ctx.expanded_idx_mapping
         return remix_(logits, self.slot_beta.gpu[slots], self.slot_weights.gpu[slots],
-                      latest_step_logits(self.vllm_config))
+                      take_step_logits(self.vllm_config))
 
 
 def processor_for(num_reward_models: int, v2_runner: bool) -> str:

@@ -87,16 +87,18 @@ class LoRAARMLayer(nn.Module):
 
 class LoRAARM(nn.Module):
     """One LoRA reward model on the base's weights: its A/B matrices and its own
-    Attention layers (named <prefix>.layers.N.self_attn.attn, hence its own KV cache)."""
+    Attention layers (named <prefix>.layers.N.self_attn.attn, hence its own KV cache).
+    With adapter None it is the base itself as a guiding model (reward model "self",
+    genarm_vllm/guidance.py): no A/B, only its own attention layers and KV."""
 
-    def __init__(self, adapter: LoRAAdapter, base_model: nn.Module, vllm_config, prefix: str):
+    def __init__(self, adapter: LoRAAdapter | None, base_model: nn.Module, vllm_config, prefix: str):
         super().__init__()
         from vllm.model_executor.layers.attention import Attention
 
         self.adapter, self.prefix = adapter, prefix
         config = vllm_config.model_config.hf_config
         dtype = lora_dtype(vllm_config.model_config.dtype)
-        shapes = module_shapes(config)
+        shapes = module_shapes(config) if adapter is not None else None
         layers = []
         for i, base_layer in enumerate(base_model.layers):
             base_attn = base_layer.self_attn
@@ -107,14 +109,17 @@ class LoRAARM(nn.Module):
                 per_layer_sliding_window=a.sliding_window,
                 prefix=f"{prefix}.layers.{i}.self_attn.attn",
             )
+            loras = {}
+            if adapter is None:
+                layers.append(LoRAARMLayer(attn, loras))
+                continue
             sizes = {"qkv_proj": [base_attn.q_size, base_attn.kv_size, base_attn.kv_size],
                      "o_proj": [shapes["o_proj"][1]], "gate_up_proj": [shapes["gate_proj"][1]] * 2,
                      "down_proj": [shapes["down_proj"][1]]}
-            loras = {}
             for fused in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
                 parts = []
                 for module, (target, position) in TARGETS.items():
-                    if target == fused and (i, module) in adapter.shapes:
+                    if adapter is not None and target == fused and (i, module) in adapter.shapes:
                         offset = sum(sizes[fused][:position])
                         parts.append((module, offset, sizes[fused][position]))
                 if parts:
@@ -126,6 +131,8 @@ class LoRAARM(nn.Module):
     def load_adapter(self) -> set[str]:
         """Copy the adapter's tensors in (B scaled); returns the parameter names set."""
         loaded = set()
+        if self.adapter is None:  # "self": nothing of its own to load
+            return loaded
         tensors = self.adapter.load_tensors()
         scaling = self.adapter.scaling
         for i, layer in enumerate(self.layers):

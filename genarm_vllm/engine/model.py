@@ -13,6 +13,7 @@ Selected through the hf_config fields described in genarm_vllm/guidance.py.
 
 from __future__ import annotations
 
+import functools
 import string
 import weakref
 from collections.abc import Iterable
@@ -32,17 +33,51 @@ from genarm_vllm.engine.attention_backend import use_safe_attention_backend
 from genarm_vllm.engine.configs import text_config
 from genarm_vllm.engine.lora_adapter import check_adapter_fits, is_lora_adapter, read_adapter
 from genarm_vllm.engine.lora_arm import LoRAARM
+from genarm_vllm.engine.prompt_views import ModelView, PromptViews, scatter_rows
 from genarm_vllm.engine.stacked_llama import check_base_layout, stacked_forward
 from genarm_vllm.engine.step_logits import STEP_LOGITS, StepLogits, publish_step_logits
 from genarm_vllm.engine.validation import check_reward_models, tokenizer_length
-from genarm_vllm.guidance import ARCHITECTURE, GuidanceConfig
+from genarm_vllm.guidance import ARCHITECTURE, SELF_MODEL, GuidanceConfig
 from genarm_vllm.mixing import tokenizer_scores
+
+
+def _has_layer_metadata() -> bool:
+    """A real step: the forward context holds per-layer attention metadata (not a dummy run)."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    return is_forward_context_available() and isinstance(get_forward_context().attn_metadata, dict)
 
 
 def reward_model_prefix(index: int) -> str:
     # Attention layer names must hold exactly one integer (the layer index), so
     # sub-models are named by letter: arm_a, arm_b, ...
     return f"arm_{string.ascii_lowercase[index]}"
+
+
+def reward_model_quant_config(arm_vllm_config: VllmConfig, path: str):
+    """A full-weight reward model's own quantization, built from ITS config.json's
+    quantization_config (e.g. GPTQ or AWQ) as vLLM builds a model's, None when it has none:
+    the base's quantization (or lack of one) never applies to it. vLLM does the same for a
+    draft model (get_draft_quant_config, vllm/model_executor/models/utils.py)."""
+    import copy
+
+    hf_config = arm_vllm_config.model_config.hf_config
+    quantization = (getattr(hf_config, "quantization_config", None)
+                    or getattr(text_config(hf_config), "quantization_config", None))
+    if quantization is None:
+        return None
+    model_config = copy.deepcopy(arm_vllm_config.model_config)  # with the ARM's hf_config
+    model_config.model = str(path)  # its checkpoint (vLLM reads the quantized layers off it)
+    model_config.quantization = None  # the base's method (or the user's --quantization)
+    model_config.quantization_config = None  # the base's online-quantization arguments
+    try:
+        model_config._verify_quantization()  # picks the method from the ARM's own config
+        return VllmConfig.get_quantization_config(model_config, arm_vllm_config.load_config)
+    except ValueError as e:
+        raise ValueError(
+            f"reward model {path} is quantized ({dict(quantization).get('quant_method')}) "
+            f"and cannot load with this engine: {e}"
+        ) from e
 
 
 @dataclass
@@ -70,9 +105,12 @@ class GenARMForCausalLM(nn.Module):
                 f"{ARCHITECTURE} needs genarm_base_architectures (the base model's own "
                 "architectures, e.g. ['LlamaForCausalLM']) in its config"
             )
+        # model_config.model is the base (or bundle) folder; model_config.tokenizer may be
+        # another folder (vLLM's tokenizer=) holding only the tokenizer.
         check_reward_models(
-            model_config.tokenizer,
+            model_config.model,
             guidance.reward_models,
+            tokenizer=model_config.tokenizer,
             max_model_len=model_config.max_model_len,
             tensor_parallel_size=vllm_config.parallel_config.tensor_parallel_size,
             speculative_config=vllm_config.speculative_config,
@@ -81,11 +119,12 @@ class GenARMForCausalLM(nn.Module):
         # A LoRA reward model (a PEFT adapter folder) runs on the base's weights
         # (lora_arm.py): the base's config, no weights of its own but A/B.
         adapters = {
-            path: check_adapter_fits(read_adapter(path), model_config.hf_config, model_config.tokenizer)
+            path: check_adapter_fits(read_adapter(path), model_config.hf_config, model_config.model)
             for path in guidance.reward_models if is_lora_adapter(path)
         }
         arm_configs = [
-            model_config.hf_config if path in adapters else AutoConfig.from_pretrained(path)
+            model_config.hf_config if path in adapters or path == SELF_MODEL
+            else AutoConfig.from_pretrained(path)
             for path in guidance.reward_models
         ]
         if current_platform.is_cuda():
@@ -106,15 +145,15 @@ class GenARMForCausalLM(nn.Module):
         self.secondary_weights = []
         for i, (path, arm_config) in enumerate(zip(guidance.reward_models, arm_configs)):
             name = reward_model_prefix(i)
-            if path in adapters:
+            if path in adapters or path == SELF_MODEL:  # "self": no adapter
                 if not self.lora_arms:
                     check_base_layout(self.base.model)
-                module = LoRAARM(adapters[path], self.base.model, vllm_config, name)
+                module = LoRAARM(adapters.get(path), self.base.model, vllm_config, name)
                 self.arms.append(RewardModel(name, module, True, self.base_hidden_size, None))
             else:
                 arm_vllm_config = vllm_config.with_hf_config(arm_config)
-                # The base's quantization does not apply to an unquantized reward model.
-                arm_vllm_config.quant_config = None
+                # The ARM's own quantization (None if unquantized), never the base's.
+                arm_vllm_config.quant_config = reward_model_quant_config(arm_vllm_config, path)
                 # Separate torch.compile cache per sub-model.
                 with set_model_tag(name):
                     module = initialize_model(vllm_config=arm_vllm_config, prefix=name)
@@ -153,6 +192,11 @@ class GenARMForCausalLM(nn.Module):
         """Hidden states of the base, then of each reward model, side by side [T, sum H]."""
         if input_ids is None:
             raise NotImplementedError("GenARM reward models need token ids, not prompt embeddings")
+        # Requests whose models read their own prompts (prompt_views.py); none: fast path.
+        requests = self.prompt_views.active_requests()
+        if requests and _has_layer_metadata():
+            with self.prompt_views.views(requests, input_ids, positions) as views:
+                return self._forward_views(views, input_ids)
         lora_arms = self.lora_arms
         if lora_arms:  # base and LoRA ARMs in one pass over the base's weights
             stacked = stacked_forward(
@@ -171,6 +215,42 @@ class GenARMForCausalLM(nn.Module):
                 ids = input_ids.clamp(max=arm.embedding_rows - 1)
                 hidden[arm.name] = arm.module(ids, positions)
         return torch.cat([base_hidden, *(hidden[arm.name] for arm in self.arms)], dim=-1)
+
+    @functools.cached_property
+    def prompt_views(self) -> PromptViews:
+        return PromptViews(self.vllm_config, [self.base, *(arm.module for arm in self.arms)])
+
+    def _forward_views(self, views: list[ModelView], input_ids: torch.Tensor) -> torch.Tensor:
+        """forward() with every model on its own view of the batch (per-model prompts)."""
+        num_rows = input_ids.shape[0]
+        base_view, arm_views = views[0], dict(zip((arm.name for arm in self.arms), views[1:]))
+        hidden = {}
+        lora_arms = self.lora_arms
+        stacked_models = [("base", base_view)] + [(arm.name, arm_views[arm.name]) for arm in lora_arms]
+        if lora_arms and any(v.rows.numel() for _, v in stacked_models):
+            stacked = stacked_forward(
+                self.base.model, [arm.module for arm in lora_arms], input_ids, None,
+                views=[(v.input_ids, v.positions) for _, v in stacked_models],
+            )
+            parts = stacked.split([v.rows.numel() for _, v in stacked_models])
+            hidden.update((name, part) for (name, _), part in zip(stacked_models, parts))
+        elif not lora_arms and base_view.rows.numel():
+            hidden["base"] = self.base(base_view.input_ids, base_view.positions)
+        for arm in self.arms:
+            view = arm_views[arm.name]
+            if not arm.on_base_weights and view.rows.numel():
+                ids = view.input_ids.clamp(max=arm.embedding_rows - 1)
+                hidden[arm.name] = arm.module(ids, view.positions)
+        widths = [("base", base_view, self.base_hidden_size)] + [
+            (arm.name, arm_views[arm.name], arm.hidden_size) for arm in self.arms]
+        like = next(iter(hidden.values()), None)
+        if like is None:
+            like = self.base.embed_input_ids(input_ids[:1])
+        return torch.cat([
+            scatter_rows(view, hidden[name], num_rows, width, like) if name in hidden
+            else like.new_zeros((num_rows, width))
+            for name, view, width in widths
+        ], dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         base_hidden, *arm_hidden = hidden_states.split(

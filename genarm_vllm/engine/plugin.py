@@ -75,6 +75,7 @@ class GenARMConfigHook:
             model_config.model, reward_models, model_config.tokenizer
         )
         _check_prompt_ids_at_admission()
+        _carrier_requests_at_admission()
 
 
 def _check_prompt_ids_at_admission() -> None:
@@ -106,3 +107,35 @@ def _check_prompt_ids_at_admission() -> None:
 
     validate_token_ids.checks_genarm_limits = True
     BaseRenderer.validate_token_ids = validate_token_ids
+
+
+def _carrier_requests_at_admission() -> None:
+    """Make vLLM's frontend turn requests whose `genarm_prompts` (vllm_xargs / extra_args)
+    give models prompts of their own into carrier requests (engine/carrier.py).
+
+    Every frontend (vllm.LLM, LLMEngine, AsyncLLM and so the OpenAI server) builds its
+    EngineCoreRequest in InputProcessor.process_inputs (v1/engine/input_processor.py), after
+    rendering and checking the base's prompt; this wraps it, once per process (its async
+    variant is bound to the instance's process_inputs at construction). Bad prompts are a
+    VLLMValidationError: HTTP 400 in the server, a ValueError in Python.
+    """
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    from genarm_vllm.engine.carrier import carrier_engine_request
+
+    vllm_process = InputProcessor.process_inputs
+    if getattr(vllm_process, "makes_genarm_carriers", False):
+        return
+
+    @functools.wraps(vllm_process)
+    def process_inputs(self, *args, **kwargs):
+        request = vllm_process(self, *args, **kwargs)
+        if getattr(self.model_config, "genarm_prompt_id_limits", None) is not None:
+            try:
+                carrier_engine_request(self.model_config, request)
+            except ValueError as e:
+                raise PromptIdError(str(e), parameter="vllm_xargs.genarm_prompts") from None
+        return request
+
+    process_inputs.makes_genarm_carriers = True
+    InputProcessor.process_inputs = process_inputs

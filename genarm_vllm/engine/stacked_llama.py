@@ -37,22 +37,33 @@ def check_base_layout(base_model: nn.Module) -> None:
 
 
 def stacked_forward(base_model: nn.Module, arms: list[LoRAARM], input_ids: torch.Tensor,
-                    positions: torch.Tensor) -> torch.Tensor:
+                    positions: torch.Tensor, views: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                    ) -> torch.Tensor:
     """Hidden states [(K+1)*T, H] of the base (rows 0..T-1) and each LoRA ARM (next blocks
-    of T rows), through the base model's (a vLLM LlamaModel / Qwen2Model) shared weights."""
-    n = len(arms) + 1
-    hidden = base_model.embed_input_ids(input_ids)
-    t = hidden.shape[0]
-    x = hidden.repeat(n, 1)
-    pos = positions.repeat(n)
+    of T rows), through the base model's (a vLLM LlamaModel / Qwen2Model) shared weights.
+
+    views: per model (the base, then each ARM), its own (input_ids, positions) (per-model
+    prompts, prompt_views.py); the blocks then have each view's own row count, in order."""
+    if views is None:
+        views = [(input_ids, positions)] * (len(arms) + 1)
+    sizes = [ids.shape[0] for ids, _ in views]
+    bounds = [0]
+    for size in sizes:
+        bounds.append(bounds[-1] + size)
+    blocks = [slice(bounds[j], bounds[j + 1]) for j in range(len(sizes))]
+    if all(ids is views[0][0] for ids, _ in views):
+        x = base_model.embed_input_ids(input_ids).repeat(len(sizes), 1)
+        pos = positions.repeat(len(sizes))
+    else:
+        x = base_model.embed_input_ids(torch.cat([ids for ids, _ in views]))
+        pos = torch.cat([p for _, p in views])
     residual = None
 
     def add_deltas(i: int, fused: str, inputs: torch.Tensor, out: torch.Tensor) -> None:
         for j, arm in enumerate(arms, start=1):
             lora = arm.layers[i].lora
-            if fused in lora:
-                rows = slice(j * t, (j + 1) * t)
-                lora[fused].add_delta(inputs[rows], out[rows])
+            if fused in lora and sizes[j]:
+                lora[fused].add_delta(inputs[blocks[j]], out[blocks[j]])
 
     for i, layer in enumerate(base_model.layers):
         if residual is None:
@@ -64,10 +75,11 @@ def stacked_forward(base_model: nn.Module, arms: list[LoRAARM], input_ids: torch
         add_deltas(i, "qkv_proj", x, qkv)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(pos, q, k)
-        outs = [attn.attn(q[:t], k[:t], v[:t])]  # each model on its own KV cache
-        for j, arm in enumerate(arms, start=1):
-            rows = slice(j * t, (j + 1) * t)
-            outs.append(arm.layers[i].self_attn.attn(q[rows], k[rows], v[rows]))
+        outs = []
+        for j, attn_layer in enumerate([attn.attn, *(arm.layers[i].self_attn.attn for arm in arms)]):
+            rows = blocks[j]
+            if sizes[j]:  # each model on its own KV cache
+                outs.append(attn_layer(q[rows], k[rows], v[rows]))
         attn_out = torch.cat(outs)
         x, _ = attn.o_proj(attn_out)
         add_deltas(i, "o_proj", attn_out, x)

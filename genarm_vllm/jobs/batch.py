@@ -1,12 +1,23 @@
 """The JSONL batch job behind `genarm-vllm generate`.
 
 Input rows: {"prompt": str} or {"messages": [...]} (rendered with the base tokenizer's
-chat template), plus optional per-row "beta" and "weights"; the output's own field names
+chat template), plus optional per-row "beta", "weights" and "prompts" (one entry per
+reward model: the prompt it reads, genarm_vllm/prompts.py); the output's own field names
 (OUTPUT_FIELDS) are refused as input fields. The input is one JSONL file,
 or shards: a folder of *.jsonl files or a glob, read in sorted file name order, streamed
-(memory does not grow with the input). Output rows: every input field plus
-"generated_text", "generated_token_ids" and "finish_reason", in input order, in one JSONL
-file; blank input lines are skipped.
+(memory does not grow with the input). Output rows, in input order, in one JSONL file
+(blank input lines are skipped): every input field plus
+
+- with SamplingParams n == 1 (the default): "generated_text", "generated_token_ids",
+  "finish_reason", and "logprobs" when SamplingParams.logprobs is set;
+- with n > 1: "samples", a list of n {"generated_text", "generated_token_ids",
+  "finish_reason"[, "logprobs"]}, in vLLM's order of the samples.
+
+"logprobs": one entry per generated token, {token id (a JSON string): log-probability},
+holding the sampled token and the `logprobs` most likely ones (vLLM's
+CompletionOutput.logprobs; GenARM engines return those of each row's own guided
+distribution: engine.defaults.engine_defaults, logprobs_mode). output_line writes a row,
+for the single-process job and the Ray replicas alike.
 
 Bad rows: a row that cannot be generated becomes an error row, its input fields plus
 "error" (the reason, with the input file and line), and the job goes on
@@ -39,12 +50,19 @@ from pathlib import Path
 from genarm_vllm.guidance import row_guidance
 from genarm_vllm.tokenization import prompt_ids
 
-OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason", "error")
+OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason", "logprobs",
+                 "samples", "error")
 # The one input field of the error row of a line that is not a JSON object.
 RAW_LINE_FIELD = "input_line"
+# What a job does with a row that cannot be generated: write an error row and go on, or stop.
 ON_ERROR = ("continue", "fail")
 # Rows that may wait in the reorder buffer for an earlier, longer one.
 REORDER_BUFFER = 4096
+
+
+def check_on_error(on_error: str) -> None:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r}")
 
 
 def input_files(path: str | os.PathLike) -> list[Path]:
@@ -81,14 +99,6 @@ def file_lines(binary: Iterable[bytes]) -> Iterator[str]:
         yield raw.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
-def line_counts(files: list[Path]) -> list[int]:
-    counts = []
-    for file in files:
-        with open(file, "rb") as f:
-            counts.append(sum(1 for _ in f))
-    return counts
-
-
 def read_lines(files: list[Path], start: int = 0) -> Iterator[InputLine]:
     """Every line of `files` from position `start` on, streamed."""
     index = 0
@@ -98,12 +108,6 @@ def read_lines(files: list[Path], start: int = 0) -> Iterator[InputLine]:
                 if index >= start:
                     yield InputLine(index, str(file), number, text)
                 index += 1
-
-
-def lines_of_block(data: bytes, file: str, first_index: int) -> Iterator[InputLine]:
-    """The lines of a whole file's bytes (the Ray reader's view of a shard)."""
-    for number, text in enumerate(file_lines(io.BytesIO(data)), start=1):
-        yield InputLine(first_index + number - 1, file, number, text)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -197,6 +201,7 @@ class PromptBuilder:
         self.max_model_len = llm.llm.llm_engine.model_config.max_model_len
         self.id_limits = llm.prompt_id_limits
         self.num_reward_models = len(llm.reward_models)
+        self.llm = llm
 
     def request(self, row: dict) -> tuple[dict, dict | None]:
         from genarm_vllm.engine.validation import check_prompt_ids
@@ -214,17 +219,59 @@ class PromptBuilder:
             check_prompt_ids(ids, self.id_limits)
         except ValueError as e:
             raise RowError("id a model cannot embed", str(e)) from None
-        return {"prompt_token_ids": ids}, row_guidance(row, self.num_reward_models)
+        guidance = row_guidance(row, self.num_reward_models)
+        if guidance is not None and guidance.get("prompts") is not None:
+            return self.carrier(ids, guidance)
+        return {"prompt_token_ids": ids}, guidance
+
+    def carrier(self, ids: list[int], guidance: dict) -> tuple[dict, dict | None]:
+        """A row whose models read prompts of their own (engine/carrier.py): the carrier
+        prompt, and its guidance with "prompt_lengths" (EngineFeeder.add) for "prompts"."""
+        from vllm import SamplingParams
+
+        from genarm_vllm.engine.carrier import carrier_prompt
+        from genarm_vllm.prompts import PROMPT_LENGTHS_KEY, encode_prompts, has_own_prompts
+
+        guidance = dict(guidance)
+        entries = guidance.pop("prompts")
+        try:
+            encoded = encode_prompts(entries, self.llm.reward_tokenizers(),
+                                     self.llm.reward_embedding_rows())
+        except ValueError as e:
+            raise RowError("bad prompts", str(e)) from None
+        if not has_own_prompts(encoded):
+            return {"prompt_token_ids": ids}, guidance or None
+        try:
+            prompt, params = carrier_prompt(ids, encoded, SamplingParams(), self.max_model_len)
+        except ValueError as e:
+            raise RowError("prompt too long", str(e)) from None
+        guidance["prompt_lengths"] = params.extra_args[PROMPT_LENGTHS_KEY]
+        return prompt, guidance
 
 
-def output_line(row: dict, completion) -> str:
-    """The output JSONL line of a row and its vLLM CompletionOutput."""
-    return json.dumps({
-        **row,
+def _sample(completion) -> dict:
+    sample = {
         "generated_text": completion.text,
         "generated_token_ids": list(completion.token_ids),
         "finish_reason": completion.finish_reason,
-    }, ensure_ascii=False) + "\n"
+    }
+    if completion.logprobs is not None:
+        sample["logprobs"] = [
+            {str(token_id): logprob.logprob for token_id, logprob in (position or {}).items()}
+            for position in completion.logprobs]
+    return sample
+
+
+def output_line(row: dict, result) -> tuple[str, int]:
+    """The output JSONL line of a row and its finished vllm.RequestOutput (layout: see the
+    module docstring), and the number of tokens it generated (every sample's)."""
+    outputs = sorted(result.outputs, key=lambda c: c.index)
+    if len(outputs) == 1:
+        fields = _sample(outputs[0])
+    else:
+        fields = {"samples": [_sample(c) for c in outputs]}
+    line = json.dumps({**row, **fields}, ensure_ascii=False) + "\n"
+    return line, sum(len(c.token_ids) for c in outputs)
 
 
 def error_line(fields: dict, message: str) -> str:
@@ -238,46 +285,105 @@ def _input_part(row: dict) -> dict:
 # ----------------------------------------------------------------------------- resume
 
 
-def resume_position(output: Path, files: list[Path], num_reward_models: int) -> tuple[int, int]:
-    """(input position to continue from, rows the output holds), checking that each output
-    row belongs to its input row; drops a torn last line. Streams both files."""
-    if not output.exists():
-        return 0, 0
-    inputs = (item for item in read_lines(files) if item.text.strip())
-    position, done, keep_bytes = 0, 0, 0
-    with open(output, "rb") as f:
-        for raw in f:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                written = json.loads(raw)
-            except json.JSONDecodeError:
-                break
-            item = next(inputs, None)
-            if item is None or _input_part(written) != parse_line(item, num_reward_models).fields:
-                where = "the input has no more rows" if item is None else \
-                    f"{item.file} line {item.line}"
-                raise ValueError(
-                    f"{output} row {done + 1} does not match the input row ({where}); it "
-                    "belongs to another job (pass --overwrite, or choose another --output)")
-            done, keep_bytes, position = done + 1, keep_bytes + len(raw), item.index + 1
-    if keep_bytes != output.stat().st_size:
-        with open(output, "r+b") as f:
-            f.truncate(keep_bytes)
-    return position, done
+@dataclass
+class JobStart:
+    """Where a job starts, found by one pass over its input (prepare_job)."""
+
+    start: int              # input position (InputLine.index) to continue from
+    done: int               # rows the output holds already
+    total: int              # rows of the input (non-blank lines)
+    line_counts: list[int]  # lines per input file, blank ones too
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.total
 
 
-def prepare_output(output: Path, settings: dict, files: list[Path], num_reward_models: int,
-                   overwrite: bool = False) -> tuple[int, int]:
-    """Start afresh (overwrite) or check the stored settings; (position, rows done)."""
+def _complete_rows(f) -> Iterator[tuple[bytes, dict]]:
+    """The complete rows of an output file (binary), up to a torn or unreadable last line."""
+    for raw in f:
+        if not raw.endswith(b"\n"):
+            return
+        try:
+            yield raw, json.loads(raw)
+        except json.JSONDecodeError:
+            return
+
+
+def prepare_job(output: str | os.PathLike, settings: dict, files: list[Path],
+                num_reward_models: int, *, overwrite: bool = False,
+                check_rows: bool = False) -> JobStart:
+    """Everything a job needs to know before its first row, in ONE pass over the input.
+
+    Starts afresh (overwrite) or checks the stored settings of an output that holds rows
+    (fingerprint.check_or_store); streams the input and the output side by side, checking
+    that each output row belongs to its input row, and drops a torn last line; counts the
+    input's rows and each file's lines. check_rows: also the checks that need no model, on
+    every row (on_error="fail", before the engine starts): ValueError naming the bad lines
+    (up to 10), and then neither the output nor its settings file is touched.
+    """
     from genarm_vllm.jobs.fingerprint import check_or_store, settings_path
 
+    output = Path(output)
     if overwrite:
         output.unlink(missing_ok=True)
         settings_path(output).unlink(missing_ok=True)
     has_rows = output.exists() and output.stat().st_size > 0
-    check_or_store(output, settings, has_rows)
-    return resume_position(output, files, num_reward_models)
+    if has_rows:
+        check_or_store(output, settings, has_rows=True)
+    counts, total, errors = [], 0, []
+    start = done = keep_bytes = 0
+    with open(output, "rb") if has_rows else io.BytesIO() as out:
+        written = _complete_rows(out)
+        matching = has_rows
+        index = 0
+        for file in files:
+            lines = 0
+            with open(file, "rb") as f:
+                for lines, text in enumerate(file_lines(f), start=1):
+                    index += 1
+                    if not text.strip():
+                        continue
+                    total += 1
+                    item, parsed = InputLine(index - 1, str(file), lines, text), None
+                    if check_rows:
+                        parsed = parse_line(item, num_reward_models)
+                        if parsed.error is not None:
+                            errors.append(located(item, parsed.error))
+                    if matching:
+                        row = next(written, None)
+                        if row is None:
+                            matching = False
+                            continue
+                        parsed = parsed or parse_line(item, num_reward_models)
+                        if _input_part(row[1]) != parsed.fields:
+                            raise _not_this_input(output, done, f"{item.file} line {item.line}")
+                        done, keep_bytes, start = done + 1, keep_bytes + len(row[0]), index
+            counts.append(lines)
+        if matching and next(written, None) is not None:
+            raise _not_this_input(output, done, "the input has no more rows")
+    if errors:
+        more = f"\n... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise ValueError("invalid input rows:\n" + "\n".join(errors[:10]) + more)
+    if has_rows and keep_bytes != output.stat().st_size:
+        with open(output, "r+b") as f:
+            f.truncate(keep_bytes)
+    if not has_rows:
+        check_or_store(output, settings, has_rows=False)
+    return JobStart(start, done, total, counts)
+
+
+def _not_this_input(output: Path, done: int, where: str) -> ValueError:
+    return ValueError(
+        f"{output} row {done + 1} does not match the input row ({where}); it belongs to "
+        "another job (pass --overwrite, or choose another --output)")
+
+
+def prepare_output(output: Path, settings: dict, files: list[Path], num_reward_models: int,
+                   overwrite: bool = False) -> tuple[int, int]:
+    """prepare_job's (position, rows done)."""
+    job = prepare_job(output, settings, files, num_reward_models, overwrite=overwrite)
+    return job.start, job.done
 
 
 def engine_settings(llm, sampling_params) -> dict:
@@ -305,26 +411,31 @@ def run_job(
     reorder_buffer: int = REORDER_BUFFER,
     max_in_flight: int | None = None,
     progress: bool = True,
+    prepared: JobStart | None = None,
 ):
     """Generate for every input row not yet in `output_path`; returns a JobSummary.
 
     settings: the job's fingerprint (fingerprint.job_settings); None: read off `llm`.
     max_in_flight: requests kept in the engine (None: twice its max_num_seqs).
+    prepared: prepare_job's result for this output and input when the caller has it
+        already (the CLI, before starting the engine): the input is then not read again
+        before the first row (settings and overwrite are then the caller's business).
     """
     from genarm_vllm.jobs.feeding import EngineFeeder, refusal_types
     from genarm_vllm.jobs.progress import JobProgress
     from genarm_vllm.jobs.reorder import OrderedWriter
 
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    check_on_error(on_error)
     output, files = Path(output_path), input_files(input_path)
     num_reward_models = len(llm.reward_models)
-    if settings is None:
-        settings = engine_settings(llm, sampling_params)
-    start, done = prepare_output(output, settings, files, num_reward_models, overwrite)
+    if prepared is None:
+        if settings is None:
+            settings = engine_settings(llm, sampling_params)
+        prepared = prepare_job(output, settings, files, num_reward_models, overwrite=overwrite)
+    start = prepared.start
     feeder = EngineFeeder(llm, sampling_params, max_in_flight)
     builder = PromptBuilder(llm)
-    bar = JobProgress(count_rows(files), done, progress)
+    bar = JobProgress(prepared.total, prepared.done, progress)
     stop: str | None = None  # on_error="fail": the first bad row, raised once earlier rows are out
     try:
         with OrderedWriter(output, start, reorder_buffer) as writer:
@@ -363,9 +474,9 @@ def run_job(
                         waiting = next(lines, None)
                 # Window full means its first row is still in the engine: never a dead end.
                 for (index, row), result in feeder.step() if feeder.in_flight else ():
-                    completion = result.outputs[0]
-                    writer.put(index, output_line(row, completion))
-                    bar.done(tokens=len(completion.token_ids))
+                    line, tokens = output_line(row, result)
+                    writer.put(index, line)
+                    bar.done(tokens=tokens)
             bar.summary.peak_buffered = writer.peak_pending
     finally:
         feeder.abort()

@@ -26,7 +26,10 @@ needs no bookkeeping beyond the file itself).
 
 Fault tolerance is Ray's own: Ray Data's actor pools restart a dead actor
 (max_restarts=-1) and re-run the batches it held (max_task_retries=-1), so a killed
-worker neither loses nor duplicates rows; the driver also writes each position once.
+worker neither loses nor duplicates rows; the driver also writes each position once. A
+replica whose engine fails ends its own process (os._exit), so that Ray restarts it with a
+fresh engine and re-runs its batches the same way (an actor that stayed up with a broken
+engine would fail every later call, and Ray never restarts a live actor).
 
 Tensor parallelism: each replica is one vLLM engine of tensor_parallel_size GPUs; with
 distributed_executor_backend="ray" the replica reserves them as a placement group (one
@@ -39,23 +42,25 @@ from __future__ import annotations
 import math
 import os
 import queue
+import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from genarm_vllm.jobs.batch import (
     REORDER_BUFFER,
     InputLine,
+    JobStart,
     PromptBuilder,
     RowError,
-    count_rows,
+    check_on_error,
     error_line,
+    file_lines,
     input_files,
-    line_counts,
-    lines_of_block,
     located,
     output_line,
     parse_line,
-    prepare_output,
+    prepare_job,
 )
 from genarm_vllm.runtime import LOCAL_ENV
 
@@ -67,9 +72,72 @@ FORWARDED_ENV = (*LOCAL_ENV, "VLLM_CPU_OMP_THREADS_BIND", "VLLM_USE_V2_MODEL_RUN
 # Batches one replica works on at once: while one batch's last rows finish, the next
 # batch's rows already fill the engine.
 CALLS_PER_REPLICA = 3
-# Rows per block the reader emits (a shard is read whole, as Ray's read_text does).
+# The reader's blocks: at most this many rows, or this many bytes of text, whichever comes
+# first. The reader streams each shard (READ_CHUNK_BYTES at a time), so a read task holds
+# about one block, whatever the shard's size.
 READ_BLOCK_ROWS = 4096
+READ_BLOCK_BYTES = 8 << 20
+READ_CHUNK_BYTES = 1 << 20
 BLANK = "blank"  # kind of a blank line: no output row
+
+
+def binary_lines(f, chunk_bytes: int = READ_CHUNK_BYTES) -> Iterator[bytes]:
+    """The lines of a binary stream with a read(n) method (a pyarrow input stream), each
+    with its \\n (the last one may lack it), read chunk_bytes at a time."""
+    pieces: list[bytes] = []  # the start of a line that spans chunks
+    while True:
+        data = f.read(chunk_bytes)
+        if not data:
+            break
+        data = bytes(data)
+        start = 0
+        while True:
+            end = data.find(b"\n", start)
+            if end < 0:
+                pieces.append(data[start:])
+                break
+            line = data[start:end + 1]
+            if pieces:
+                line = b"".join([*pieces, line])
+                pieces.clear()
+            yield line
+            start = end + 1
+    if pieces and any(pieces):
+        yield b"".join(pieces)
+
+
+def numbered_blocks(f, name: str, first_index: int, start: int):
+    """The reader of one shard: pyarrow tables of its lines (index, file, line, text) from
+    input position `start` on, streamed from `f` (a binary stream): at most READ_BLOCK_ROWS
+    rows or READ_BLOCK_BYTES of text per table, so memory does not grow with the shard."""
+    import pyarrow as pa
+
+    columns: dict[str, list] = {"index": [], "file": [], "line": [], "text": []}
+    size = 0
+
+    def block():
+        table = pa.table({
+            "index": pa.array(columns["index"], pa.int64()),
+            "file": pa.array(columns["file"], pa.string()),
+            "line": pa.array(columns["line"], pa.int64()),
+            "text": pa.array(columns["text"], pa.large_string()),
+        })
+        for values in columns.values():
+            values.clear()
+        return table
+
+    index = first_index
+    for number, text in enumerate(file_lines(binary_lines(f)), start=1):
+        if index >= start:
+            for key, value in zip(columns, (index, name, number, text)):
+                columns[key].append(value)
+            size += len(text)
+            if len(columns["index"]) >= READ_BLOCK_ROWS or size >= READ_BLOCK_BYTES:
+                yield block()
+                size = 0
+        index += 1
+    if columns["index"]:
+        yield block()
 
 
 def numbered_lines_datasource(files: list[str], first_index: dict[str, int], start: int):
@@ -78,21 +146,26 @@ def numbered_lines_datasource(files: list[str], first_index: dict[str, int], sta
 
     class NumberedLines(FileBasedDatasource):
         def _read_stream(self, f, path: str):
-            import pyarrow as pa
-
             name = path if path in first_index else os.path.abspath(path)
-            rows = [item for item in lines_of_block(f.readall(), name, first_index[name])
-                    if item.index >= start]
-            for at in range(0, len(rows), READ_BLOCK_ROWS):
-                part = rows[at:at + READ_BLOCK_ROWS]
-                yield pa.table({
-                    "index": pa.array([r.index for r in part], pa.int64()),
-                    "file": pa.array([r.file for r in part], pa.string()),
-                    "line": pa.array([r.line for r in part], pa.int64()),
-                    "text": pa.array([r.text for r in part], pa.large_string()),
-                })
+            yield from numbered_blocks(f, name, first_index[name], start)
 
     return NumberedLines(files)
+
+
+# Tests only: a file path; the first replica engine step that finds no file there creates
+# it and raises, as a failing engine would (once per path, across replicas and restarts).
+FAIL_ONCE_ENV = "GENARM_TEST_ENGINE_FAILS_ONCE"
+
+
+def _failure_for_tests() -> None:
+    path = os.environ.get(FAIL_ONCE_ENV)
+    if not path:
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    raise RuntimeError(f"engine failure injected by {FAIL_ONCE_ENV} (tests)")
 
 
 class _Batch:
@@ -102,11 +175,16 @@ class _Batch:
         self.results: list = [None] * size
         self.remaining = size
         self.done = threading.Event()
+        # set() runs in the calling thread (rows refused before the engine) and in the
+        # engine thread (finished rows): the count is read and written under this lock.
+        self._lock = threading.Lock()
 
     def set(self, position: int, result: tuple) -> None:
-        self.results[position] = result
-        self.remaining -= 1
-        if self.remaining == 0:
+        with self._lock:
+            self.results[position] = result
+            self.remaining -= 1
+            finished = self.remaining == 0
+        if finished:
             self.done.set()
 
 
@@ -131,8 +209,6 @@ class _Replica:
             self.num_reward_models = len(self.llm.reward_models)
             self.builder = PromptBuilder(self.llm)
             self.submissions: queue.Queue = queue.Queue()
-            self.failure: BaseException | None = None
-            self.batches: set[_Batch] = set()
             # Every batch's rows go in: no cap beyond the batches Ray hands this actor.
             self.feeder = EngineFeeder(self.llm, self.sampling_params, max_in_flight=2**62)
             threading.Thread(target=self._engine_loop, daemon=True, name="genarm-engine").start()
@@ -157,14 +233,21 @@ class _Replica:
                         message = located(item, error)
                         batch.set(position, (error_line(fields, message), error.kind, message, 0))
                 if self.feeder.in_flight:
+                    _failure_for_tests()
                     for (batch, position, row), result in self.feeder.step():
-                        completion = result.outputs[0]
-                        batch.set(position, (output_line(row, completion), "", "",
-                                             len(completion.token_ids)))
-        except BaseException as e:  # the engine died: fail every waiting call
-            self.failure = e
-            for batch in list(self.batches):
-                batch.done.set()
+                        line, tokens = output_line(row, result)
+                        batch.set(position, (line, "", "", tokens))
+        except BaseException:  # the engine died: end this actor, so that Ray restarts it
+            # Ray restarts an actor that dies (max_restarts), not one that stays up with a
+            # broken engine, and re-runs the calls it held (max_task_retries) on the new
+            # one; the driver writes each input position once, so no row is lost or
+            # written twice. os._exit, not ray.actor.exit_actor(): an intended exit is
+            # not restarted, and this is not the actor's main thread.
+            import traceback
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            os._exit(1)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -172,38 +255,49 @@ class _Replica:
         self._start()
         size = len(batch["index"])
         waiting = _Batch(size)
-        self.batches.add(waiting)
-        try:
-            for position in range(size):
-                item = InputLine(int(batch["index"][position]), str(batch["file"][position]),
-                                 int(batch["line"][position]), str(batch["text"][position]))
-                parsed = parse_line(item, self.num_reward_models)
-                if parsed is None:
-                    waiting.set(position, ("", BLANK, "", 0))
-                    continue
-                error = parsed.error
-                if error is None:
-                    try:
-                        prompt, guidance = self.builder.request(parsed.row)
-                    except RowError as e:
-                        error = e
-                if error is not None:
-                    message = located(item, error)
-                    waiting.set(position, (error_line(parsed.fields, message), error.kind,
-                                           message, 0))
-                    continue
-                self.submissions.put((waiting, position, item, parsed.fields, parsed.row,
-                                      prompt, guidance))
-            while size and not waiting.done.wait(1.0) and self.failure is None:
-                pass
-            if self.failure is not None:
-                raise RuntimeError("the engine of this replica failed") from self.failure
-        finally:
-            self.batches.discard(waiting)
+        for position in range(size):
+            item = InputLine(int(batch["index"][position]), str(batch["file"][position]),
+                             int(batch["line"][position]), str(batch["text"][position]))
+            parsed = parse_line(item, self.num_reward_models)
+            if parsed is None:
+                waiting.set(position, ("", BLANK, "", 0))
+                continue
+            error = parsed.error
+            if error is None:
+                try:
+                    prompt, guidance = self.builder.request(parsed.row)
+                except RowError as e:
+                    error = e
+            if error is not None:
+                message = located(item, error)
+                waiting.set(position, (error_line(parsed.fields, message), error.kind,
+                                       message, 0))
+                continue
+            self.submissions.put((waiting, position, item, parsed.fields, parsed.row,
+                                  prompt, guidance))
+        if size:
+            waiting.done.wait()
         lines, kinds, errors, tokens = zip(*waiting.results) if size else ((), (), (), ())
         return {"index": batch["index"], "line": np.array(lines, dtype=object),
                 "kind": np.array(kinds, dtype=object), "error": np.array(errors, dtype=object),
                 "tokens": np.array(tokens, dtype=np.int64)}
+
+
+# Engine settings that depend on the node an engine runs on (its free memory): left to
+# each replica's own engine_defaults unless the user set them.
+NODE_LOCAL_SETTINGS = ("kv_cache_memory_bytes",)
+
+
+def replica_engine_kwargs(base, reward_models, vllm_kwargs: dict) -> dict:
+    """The engine kwargs every replica runs with, decided once, on the driver: the user's
+    plus GenARM's defaults (engine.defaults.engine_defaults: dtype, chunked prefill,
+    logprobs_mode, max_model_len), so that the settings file, made from the same
+    defaults, says what the replicas ran even where their nodes differ from the driver's
+    (a CPU head with GPU workers). Only NODE_LOCAL_SETTINGS are left to the replicas."""
+    from genarm_vllm.engine.defaults import engine_defaults
+
+    defaults = engine_defaults(str(base), list(reward_models), vllm_kwargs)
+    return {**vllm_kwargs, **{k: v for k, v in defaults.items() if k not in NODE_LOCAL_SETTINGS}}
 
 
 def check_models(base, reward_models, vllm_kwargs: dict) -> list[str]:
@@ -275,6 +369,7 @@ def run_ray_job(
     env_vars: dict | None = None,
     chunk_size: int = 512,
     progress: bool = True,
+    prepared: JobStart | None = None,
 ):
     """Generate for every input row not yet in `output_path` on Ray; returns a JobSummary.
 
@@ -283,6 +378,8 @@ def run_ray_job(
     gpus_per_replica None: tensor_parallel_size if the cluster has GPUs, else 0.
     env_vars: extra environment for the replicas (added to the FORWARDED_ENV ones).
     settings: the job's fingerprint (None: fingerprint.job_settings of these arguments).
+    prepared: batch.prepare_job's result when the caller has it (the CLI): the input is then
+        not read again before Ray starts.
     """
     from genarm_vllm.jobs.fingerprint import job_settings
     from genarm_vllm.jobs.progress import JobProgress, JobSummary
@@ -294,15 +391,16 @@ def run_ray_job(
         raise ValueError("the Ray job needs Ray: pip install 'genarm-vllm[ray]'") from None
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
-    if on_error not in ("continue", "fail"):
-        raise ValueError(f"on_error must be continue or fail, got {on_error!r}")
+    check_on_error(on_error)
     vllm_kwargs = dict(vllm_kwargs or {})
     reward_models = check_models(base, reward_models, vllm_kwargs)
     output, files = Path(output_path), input_files(input_path)
     if settings is None:
         settings = job_settings(base, reward_models, beta, weights, sampling_params, vllm_kwargs)
-    start, done = prepare_output(output, settings, files, len(reward_models), overwrite)
-    counts = line_counts(files)
+    engine_kwargs = replica_engine_kwargs(base, reward_models, vllm_kwargs)
+    if prepared is None:
+        prepared = prepare_job(output, settings, files, len(reward_models), overwrite=overwrite)
+    start, done, counts = prepared.start, prepared.done, prepared.line_counts
     total_lines = sum(counts)
     first_index, offset = {}, 0
     for file, count in zip(files, counts):
@@ -317,7 +415,7 @@ def run_ray_job(
     if started:
         ray.init(address=address)
     groups = []  # placement groups of tensor-parallel replicas: their GPUs are freed at the end
-    bar = JobProgress(count_rows(files), done, progress)
+    bar = JobProgress(prepared.total, done, progress)
     stop = None
     try:
         if gpus_per_replica is None:
@@ -335,7 +433,7 @@ def run_ray_job(
             numbered_lines_datasource(todo_files, first_index, start), num_cpus=0)
         dataset = dataset.map_batches(
             _Replica,
-            fn_constructor_args=(str(base), reward_models, beta, weights, vllm_kwargs,
+            fn_constructor_args=(str(base), reward_models, beta, weights, engine_kwargs,
                                  sampling_params),
             batch_size=batch_size,
             batch_format="numpy",
