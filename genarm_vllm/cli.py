@@ -109,17 +109,25 @@ def ray_only_options(args: argparse.Namespace) -> dict:
     return {}
 
 
-def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
+def checked_reward_model_count(args: argparse.Namespace, weights, weights_flag: str) -> int:
+    """How many reward models a job's --reward-model flags (or its bundle) name; its default
+    weights checked against that count."""
     from genarm_vllm.guidance import check_weights, read_bundle
-    from genarm_vllm.jobs.batch import input_files, prepare_job
-    from genarm_vllm.jobs.fingerprint import job_settings
 
     bundle = read_bundle(args.base)
     num_reward_models = len(args.reward_model or (bundle or {}).get("genarm_reward_models") or [])
     if not num_reward_models:
         raise ValueError("give at least one --reward-model (or a bundle as --base)")
-    if args.weights is not None:
-        check_weights(args.weights, num_reward_models, "--weights")
+    if weights is not None:
+        check_weights(weights, num_reward_models, weights_flag)
+    return num_reward_models
+
+
+def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
+    from genarm_vllm.jobs.batch import input_files, prepare_job
+    from genarm_vllm.jobs.fingerprint import job_settings
+
+    num_reward_models = checked_reward_model_count(args, args.weights, "--weights")
     ray_options = ray_only_options(args)
     files = input_files(args.input)
     vllm_kwargs = parse_engine_flags(vllm_args)
@@ -324,27 +332,21 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
-    p.add_argument("--on-error", choices=["continue", "fail"], default="continue",
+    p.add_argument("--on-error", choices=ON_ERROR, default=ON_ERROR[0],
                    help="a row that cannot be generated: continue = write it as an error row "
                    "(default); fail = stop at the first one")
     p.add_argument("--overwrite", action="store_true",
                    help="start afresh (default: resume, refused if the settings differ)")
-    p.add_argument("--reorder-buffer", type=int, default=4096, metavar="ROWS",
-                   help="finished rows that may wait for an earlier one (4096)")
+    p.add_argument("--reorder-buffer", type=int, default=REORDER_BUFFER, metavar="ROWS",
+                   help=f"finished rows that may wait for an earlier one ({REORDER_BUFFER})")
 
 
 def cmd_sweep(args: argparse.Namespace, vllm_args: list[str]) -> int:
-    from genarm_vllm.guidance import check_weights, read_bundle
     from genarm_vllm.jobs import sweep
     from genarm_vllm.jobs.batch import count_rows, input_files, prepare_output
     from genarm_vllm.jobs.fingerprint import job_settings
 
-    bundle = read_bundle(args.base)
-    num_reward_models = len(args.reward_model or (bundle or {}).get("genarm_reward_models") or [])
-    if not num_reward_models:
-        raise ValueError("give at least one --reward-model (or a bundle as --base)")
-    if args.default_weights is not None:
-        check_weights(args.default_weights, num_reward_models, "--default-weights")
+    num_reward_models = checked_reward_model_count(args, args.default_weights, "--default-weights")
     settings = sweep.read_settings_file(args.settings) if args.settings else []
     if args.betas or args.weights:
         settings += sweep.grid(sweep.parse_betas(args.betas) if args.betas else None,
