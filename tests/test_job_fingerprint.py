@@ -13,7 +13,7 @@ from test_lora_arm import build_adapter
 from vllm import SamplingParams
 
 from genarm_vllm.cli import main, parse_engine_flags
-from genarm_vllm.jobs.fingerprint import check_or_store, job_settings, model_identity
+from genarm_vllm.jobs.fingerprint import check_or_store, differences, job_settings, model_identity
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
@@ -88,3 +88,14 @@ def test_engine_flags_that_change_the_rows_are_in_the_fingerprint(tiny, flag, va
                          parse_engine_flags([flag, value]))
     name = "engine." + flag.lstrip("-").replace("-", "_")
     assert name in plain and plain[name] != given[name]
+
+
+def test_the_self_reward_model_is_the_bases_weights_in_the_fingerprint(tiny, tmp_path):
+    # "self" names no folder: the base's identity covers it, and a retrained base changes it.
+    base = tmp_path / "base"
+    shutil.copytree(tiny["base"], base)
+    before = job_settings(base, ["self", tiny["arm_small"]], None, None, GREEDY, {})
+    assert before["reward_models"][0] == {"path": "self"}
+    retrain_in_place(base, tensor="model.norm.weight")
+    after = job_settings(base, ["self", tiny["arm_small"]], None, None, GREEDY, {})
+    assert differences(before, after) and after["reward_models"][0] == {"path": "self"}

@@ -39,6 +39,8 @@ import os
 import struct
 from pathlib import Path
 
+from genarm_vllm.guidance import SELF_MODEL
+
 # Files hashed whole when a model folder holds them (small; each can change the output).
 DECISIVE_FILES = (
     "config.json", "generation_config.json", "adapter_config.json",
@@ -75,7 +77,10 @@ def settings_path(output: str | os.PathLike) -> Path:
 
 def model_identity(path: str | os.PathLike) -> dict:
     """A model folder as the fingerprint sees it: where it is and a hash of its content
-    (see the module docstring for what is read, and why it is enough)."""
+    (see the module docstring for what is read, and why it is enough). The reward model
+    "self" is the base's own weights, which the base's identity already covers."""
+    if str(path) == SELF_MODEL:
+        return {"path": SELF_MODEL}
     path = Path(path).resolve()
     files = {}
     if path.is_dir():
