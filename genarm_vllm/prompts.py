@@ -15,13 +15,13 @@ Semantics: model i's log-probs at response step t are computed on ITS prompt fol
 the shared response tokens y_<t, with its own positions starting at 0; the mix is
 unchanged. With every entry None the request is a plain one.
 
-How it reaches the engine (the "carrier" request; engine/prompt_views.py runs it):
-the request vLLM schedules has as prompt the base's prompt ids followed by the own prompt
-ids of the models that have one, in reward-model order, and carries
-`extra_args["genarm_prompt_lengths"]`: one int per reward model, the length of its own
-prompt, or -1 when it reads the base's prompt. The base's prompt length is the carrier
-length minus the own prompts' lengths. This module is light (no vLLM, no torch): the API
-server process, the CLI and the reference decoder use it.
+How it reaches the engine (the "carrier" request; engine/prompt_views.py runs it): the
+request vLLM schedules has as prompt the base's prompt ids, padded with its last id to the
+longest model prompt's length S, and carries `extra_args["genarm_carrier"]`
+(`build_carrier`): the base's prompt length, each reward model's own prompt ids (None:
+it reads the base's prompt) and the KV block size the layout was made for. Every model's
+tokens then sit in rows of that one stream (`CarrierLayout`). This module is light (no
+vLLM, no torch): the API server process, the CLI and the reference decoder use it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 PROMPTS_KEY = "genarm_prompts"  # vllm_xargs: one string per reward model (see parse_xargs_prompts)
-PROMPT_LENGTHS_KEY = "genarm_prompt_lengths"  # extra_args of a carrier request (worker side)
+CARRIER_KEY = "genarm_carrier"  # extra_args of a carrier request (scheduler and worker side)
 
 # vllm_xargs values may only be strings, numbers or lists of them: over HTTP each entry of
 # `genarm_prompts` is a string; this one means "reads the base's prompt", any other string
@@ -129,68 +129,76 @@ def encode_prompts(prompts: Sequence, tokenizers: Sequence, limits: Sequence[int
     return encoded
 
 
-def build_carrier(base_ids: Sequence[int], own: Sequence[Sequence[int] | None]
-                  ) -> tuple[list[int], list[int]]:
-    """(carrier prompt ids, genarm_prompt_lengths) of a request with per-model prompts."""
-    ids = list(base_ids)
-    lengths = []
-    for entry in own:
-        if entry is None:
-            lengths.append(-1)
-        else:
-            ids += list(entry)
-            lengths.append(len(entry))
-    return ids, lengths
+def build_carrier(base_ids: Sequence[int], own: Sequence[Sequence[int] | None],
+                  block_size: int) -> tuple[list[int], dict]:
+    """(carrier prompt ids, its extra_args[CARRIER_KEY]) of a request whose models read the
+    own prompts `own` (None: the base's prompt), for an engine of KV block size `block_size`."""
+    if not base_ids:
+        raise ValueError("the base's prompt has no tokens")
+    length = max([len(base_ids)] + [len(ids) for ids in own if ids is not None])
+    ids = list(base_ids) + [int(base_ids[-1])] * (length - len(base_ids))
+    info = {"base_length": len(base_ids), "block_size": int(block_size),
+            "prompt_ids": [None if e is None else [int(t) for t in e] for e in own]}
+    return ids, info
 
 
 def has_own_prompts(encoded: Sequence | None) -> bool:
     return bool(encoded) and any(e is not None for e in encoded)
 
 
-def check_prompt_lengths(value: object, num_reward_models: int | None,
-                         name: str = PROMPT_LENGTHS_KEY) -> list[int]:
-    """A valid genarm_prompt_lengths value (one int >= 1 or -1 per reward model)."""
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(v, int) and not isinstance(v, bool) and (v >= 1 or v == -1) for v in value
-    ):
-        raise ValueError(
-            f"{name} must be a list of ints, one per reward model: its own prompt's length "
-            f"(>= 1), or -1 when it reads the base's prompt; got {value!r}"
-        )
-    if num_reward_models is not None and len(value) != num_reward_models:
-        raise ValueError(
-            f"{name} must have one entry per reward model ({num_reward_models}), got {len(value)}"
-        )
-    return list(value)
+def _is_ids(value: object) -> bool:
+    return (isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value))
 
 
-def segments(carrier_length: int, lengths: Sequence[int]) -> list[tuple[int, int]] | None:
-    """(offset, length) in the carrier of the base's prompt, then of each reward model's
-    prompt (the base's segment for -1); None if the lengths do not fit the carrier."""
-    own = [n for n in lengths if n != -1]
-    base_length = carrier_length - sum(own)
-    if base_length < 1:
-        return None
-    result = [(0, base_length)]
-    offset = base_length
-    for n in lengths:
-        if n == -1:
-            result.append((0, base_length))
-        else:
-            result.append((offset, n))
-            offset += n
-    return result
+def check_carrier(info: object, num_reward_models: int | None, carrier_length: int | None = None,
+                  name: str = CARRIER_KEY) -> dict:
+    """A valid genarm_carrier value (see build_carrier); ValueError naming the problem."""
+    if not isinstance(info, Mapping) or set(info) != {"base_length", "block_size", "prompt_ids"}:
+        raise ValueError(f"{name} must be a dict with 'base_length', 'block_size' and "
+                         f"'prompt_ids' (made by genarm_vllm.prompts.build_carrier), got {info!r}")
+    base_length, block_size, own = info["base_length"], info["block_size"], info["prompt_ids"]
+    for key, value in (("base_length", base_length), ("block_size", block_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}['{key}'] must be an int >= 1, got {value!r}")
+    if not isinstance(own, (list, tuple)) or not all(e is None or _is_ids(e) for e in own):
+        raise ValueError(f"{name}['prompt_ids'] must be a list with, per reward model, None or "
+                         f"a non-empty list of token ids; got {own!r}")
+    if num_reward_models is not None and len(own) != num_reward_models:
+        raise ValueError(f"{name}['prompt_ids'] must have one entry per reward model "
+                         f"({num_reward_models}), got {len(own)}")
+    longest = max([base_length] + [len(e) for e in own if e is not None])
+    if carrier_length is not None and carrier_length != longest:
+        raise ValueError(f"{name} does not fit a prompt of {carrier_length} tokens (its longest "
+                         f"model prompt has {longest})")
+    return dict(info)
 
 
-def split_carrier(carrier: Sequence[int], lengths: Sequence[int]) -> tuple[list[int], list]:
-    """(base prompt ids, per-model own prompt ids or None) of a carrier prompt."""
-    segs = segments(len(carrier), lengths)
-    if segs is None:
-        raise ValueError(f"{PROMPT_LENGTHS_KEY} {list(lengths)} do not fit a prompt of "
-                         f"{len(carrier)} tokens")
-    base = list(carrier[: segs[0][1]])
-    own = [None if n == -1 else list(carrier[o:o + n]) for n, (o, _) in zip(lengths, segs[1:])]
-    return base, own
+class CarrierLayout:
+    """Where each model's tokens sit in a carrier request of S prompt rows (block size B).
+
+    Model m (the base, then each reward model) with a prompt of L tokens starts at row
+    s = ((S - L) // B) * B, a block boundary: its token j < L - 1 is computed at row s + j
+    and stored in KV slot s + j of its own layers (row = slot: a prefix-cache hit of H
+    rows holds exactly the tokens of rows < H); its last prompt token at row S - 1 (the
+    row vLLM samples the first response token from), slot s + L - 1; response token t at
+    row S + t, slot s + L + t. Its attention reads the request's block table from block
+    s // B on, with its own positions 0, 1, ... Models reading the base's prompt share the
+    base's place. Every slot a model writes after its regular prompt tokens lies at or
+    beyond `cacheable_tokens`, the prefix vLLM may hash and share (plugin.py caps it).
+    """
+
+    def __init__(self, carrier_length: int, info: Mapping):
+        self.length = carrier_length
+        self.block_size = info["block_size"]
+        base = info["base_length"]
+        self.lengths = [base] + [base if e is None else len(e) for e in info["prompt_ids"]]
+        b = self.block_size
+        self.starts = [((carrier_length - n) // b) * b for n in self.lengths]
+
+    def cacheable_tokens(self) -> int:
+        """Rows below which every model holds only regular prompt tokens (slot = row)."""
+        return min(s + n - 1 for s, n in zip(self.starts, self.lengths))
 
 
 def parse_xargs_prompts(value: object, num_reward_models: int | None) -> list:

@@ -176,30 +176,33 @@ def test_preemption_and_chunked_prefill_leave_output_unchanged(tiny, engine):
         assert got[i] == ref2.generate([bases[i]], 64, ignore_eos=True, guidance=cfg[i])[0]
 
 
-def test_prefix_cache_never_shares_a_carrier_requests_blocks(tiny, engine):
-    llm = engine("arm_same", ["arm_same"], beta=1.0)
-    block_size = llm.llm.llm_engine.vllm_config.cache_config.block_size
-    words = " ".join([PROMPTS[2]] * 15).split()
-    assert len(words) > block_size
-    # The same token stream split two ways: base | ARM prompt.
-    a_base, a_arm = " ".join(words[:150]), " ".join(words[150:])
-    b_base, b_arm = " ".join(words[:140]), " ".join(words[140:])
+def test_prefix_cache_hits_repeats_and_never_other_prompts(tiny, engine):
+    llm = engine("arm_same blocks of 32", ["arm_same"], beta=1.0, block_size=32)
+    words = " ".join([PROMPTS[2]] * 20).split()
+    base, arm, other_arm = (" ".join(words[:100]), " ".join(words[100:190]),
+                            " ".join(words[101:191]))
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     ref = reference(tiny, ["arm_same"])
-    first = llm.generate([a_base], params, guidance={"prompts": [a_arm]})
-    second = llm.generate([b_base], params, guidance={"prompts": [b_arm]})
-    assert token_ids(first)[0] == ref.generate([a_base], 8, ignore_eos=True,
-                                               guidance={"prompts": [a_arm]})[0]
-    assert token_ids(second)[0] == ref.generate([b_base], 8, ignore_eos=True,
-                                                guidance={"prompts": [b_arm]})[0]
-    assert second[0].num_cached_tokens == 0  # no wrong hit
-    again = llm.generate([a_base], params, guidance={"prompts": [a_arm]})
-    assert token_ids(again) == token_ids(first)
-    # Plain requests keep the prefix cache: a repeat hits.
-    plain = llm.generate([a_base + " " + a_arm] * 2, params)
-    hit = llm.generate([a_base + " " + a_arm], params)
-    assert hit[0].num_cached_tokens >= block_size
-    assert token_ids(hit)[0] == token_ids(plain)[0]
+    plain = llm.generate([base], params)  # the base's prompt alone: cached without a salt
+    first = llm.generate([base], params, guidance={"prompts": [arm]})
+    assert first[0].num_cached_tokens == 0  # no wrong hit on the plain request's blocks
+    assert token_ids(first)[0] == ref.generate([base], 8, ignore_eos=True,
+                                               guidance={"prompts": [arm]})[0]
+    assert token_ids(first) != token_ids(plain)
+    # The same base prompt, the ARM reading another prompt: nothing shared.
+    other = llm.generate([base], params, guidance={"prompts": [other_arm]})
+    assert other[0].num_cached_tokens == 0
+    assert token_ids(other)[0] == ref.generate([base], 8, ignore_eos=True,
+                                               guidance={"prompts": [other_arm]})[0]
+    # A repeat hits, and so do two live requests with the same prompts and other weights,
+    # whose responses differ (each writes its response KV into blocks of its own).
+    again = llm.generate([base], params, guidance={"prompts": [arm]})
+    assert again[0].num_cached_tokens >= 32 and token_ids(again) == token_ids(first)
+    mixes = [{"prompts": [arm], "weights": [w]} for w in (3.0, -3.0)]
+    both = llm.generate([base, base], params, guidance=mixes)
+    assert all(o.num_cached_tokens >= 32 for o in both)
+    want = [ref.generate([base], 8, ignore_eos=True, guidance=g)[0] for g in mixes]
+    assert want[0] != want[1] and token_ids(both) == want
 
 
 def test_bad_per_model_prompts_are_refused(tiny, engine):
@@ -218,9 +221,9 @@ def test_bad_per_model_prompts_are_refused(tiny, engine):
     # A request's raw extra_args are checked at admission too.
     from vllm.exceptions import VLLMValidationError
 
-    with pytest.raises(VLLMValidationError, match="genarm_prompt_lengths"):
+    with pytest.raises(VLLMValidationError, match="genarm_carrier"):
         llm.llm.generate(PROMPTS[:1], SamplingParams(
-            max_tokens=2, extra_args={"genarm_prompt_lengths": [0]}))
+            max_tokens=2, extra_args={"genarm_carrier": {"base_length": 0}}))
     # ... and the engine keeps serving.
     assert len(llm.generate(PROMPTS[:1], GREEDY)[0].outputs[0].token_ids) == 16
 

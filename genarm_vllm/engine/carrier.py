@@ -3,22 +3,25 @@
 Every model's own prompt is tokenized (or rendered with its chat template) here, in the
 frontend, so the engine core never needs a reward model's tokenizer. A request whose
 models read prompts of their own is submitted as the carrier prompt (the base's prompt
-ids, then each own prompt's ids: genarm_vllm/prompts.py build_carrier) with
-`extra_args["genarm_prompt_lengths"]`; the worker gives every model its own view of it
-(engine/prompt_views.py). Each carrier request gets a cache_salt of its own (the user's
-salt, if any, kept inside it): see prompt_views.py for why carrier requests must not share
-prefix-cache blocks.
+ids padded to the longest model prompt: genarm_vllm/prompts.py build_carrier) with
+`extra_args["genarm_carrier"]`; the worker gives every model its own view of it
+(engine/prompt_views.py). Its cache_salt is a digest of every model's prompt (the user's
+salt, if any, kept inside it): a repeat of the same prompts hits the prefix cache, and
+requests whose models read other prompts never share blocks, whatever the base's prompt.
 """
 
 from __future__ import annotations
 
-import uuid
+import hashlib
+import json
 
-from genarm_vllm.prompts import PROMPT_LENGTHS_KEY, build_carrier, encode_prompts, has_own_prompts
+from genarm_vllm.prompts import CARRIER_KEY, build_carrier, encode_prompts, has_own_prompts
 
 
-def carrier_salt(user_salt: str | None = None) -> str:
-    return f"genarm-carrier-{uuid.uuid4().hex}" + (f":{user_salt}" if user_salt else "")
+def carrier_salt(info: dict, user_salt: str | None = None) -> str:
+    """vLLM hashes the carrier's ids (the base's prompt), its salt the rest: the own prompts."""
+    digest = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()
+    return f"genarm-carrier-{digest}" + (f":{user_salt}" if user_salt else "")
 
 
 def base_prompt_ids(prompt, tokenizer, name: str = "prompt") -> tuple[str | None, list[int], str | None]:
@@ -40,20 +43,20 @@ def base_prompt_ids(prompt, tokenizer, name: str = "prompt") -> tuple[str | None
 
 
 def carrier_prompt(base_ids: list[int], encoded: list, params, max_model_len: int | None,
-                   user_salt: str | None = None, name: str = "prompt"):
-    """(TokensPrompt dict, SamplingParams) of one request with own prompts `encoded`."""
-    ids, lengths = build_carrier(base_ids, encoded)
+                   block_size: int, user_salt: str | None = None, name: str = "prompt"):
+    """(TokensPrompt dict, SamplingParams) of one request with own prompts `encoded`, for an
+    engine of KV block size `block_size`."""
+    ids, info = build_carrier(base_ids, encoded, block_size)
     if max_model_len is not None and len(ids) >= max_model_len:
         raise ValueError(
-            f"{name}: the base's prompt and the models' own prompts take {len(ids)} tokens "
-            f"together ({len(base_ids)} + "
-            f"{' + '.join(str(n) for n in lengths if n != -1)}), and the engine counts them "
-            f"all against max_model_len={max_model_len}; shorten the prompts or raise "
-            "max_model_len"
+            f"{name}: the longest of the models' prompts has {len(ids)} tokens (the base's: "
+            f"{len(base_ids)}; own: {', '.join(str(len(e)) for e in encoded if e is not None)}), "
+            f"which leaves no room for a response within max_model_len={max_model_len}; "
+            "shorten the prompts or raise max_model_len"
         )
     params = params.clone()
-    params.extra_args = {**(params.extra_args or {}), PROMPT_LENGTHS_KEY: lengths}
-    return {"prompt_token_ids": ids, "cache_salt": carrier_salt(user_salt)}, params
+    params.extra_args = {**(params.extra_args or {}), CARRIER_KEY: info}
+    return {"prompt_token_ids": ids, "cache_salt": carrier_salt(info, user_salt)}, params
 
 
 def carrier_requests(llm, prompts: list, params: list, own: list):
@@ -64,6 +67,7 @@ def carrier_requests(llm, prompts: list, params: list, own: list):
     tokenizers = llm.reward_tokenizers()
     limits = llm.reward_embedding_rows()
     max_model_len = llm.llm.llm_engine.model_config.max_model_len
+    block_size = llm.llm.llm_engine.vllm_config.cache_config.block_size
     prompts, params, restore = list(prompts), list(params), {}
     for i, entries in enumerate(own):
         if entries is None:
@@ -74,7 +78,7 @@ def carrier_requests(llm, prompts: list, params: list, own: list):
             continue
         text, base_ids, salt = base_prompt_ids(prompts[i], tokenizer, f"prompts[{i}]")
         prompts[i], params[i] = carrier_prompt(base_ids, encoded, params[i], max_model_len,
-                                               salt, f"prompts[{i}]")
+                                               block_size, salt, f"prompts[{i}]")
         restore[i] = (text, base_ids)
     return prompts, params, restore
 
@@ -108,7 +112,7 @@ def _reward_tokenizers(model_config) -> tuple[list, list[int]]:
     return cached
 
 
-def carrier_engine_request(model_config, request) -> None:
+def carrier_engine_request(model_config, request, block_size: int) -> None:
     """Turns an EngineCoreRequest whose extra_args carry `genarm_prompts` (vllm_xargs; see
     prompts.parse_xargs_prompts) into its carrier request, in place. ValueError on bad
     prompts. Runs in vLLM's frontend, after its own checks of the base's prompt
@@ -127,8 +131,8 @@ def carrier_engine_request(model_config, request) -> None:
         return
     base_ids = list(request.prompt_token_ids)
     max_model_len = model_config.max_model_len
-    prompt, params = carrier_prompt(base_ids, encoded, params, max_model_len, request.cache_salt,
-                                    "the request")
+    prompt, params = carrier_prompt(base_ids, encoded, params, max_model_len, block_size,
+                                    request.cache_salt, "the request")
     # The server sized max_tokens for the base's prompt alone: leave room for the carrier.
     room = max_model_len - len(prompt["prompt_token_ids"])
     if params.max_tokens is None or params.max_tokens > room:

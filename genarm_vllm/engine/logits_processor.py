@@ -41,12 +41,7 @@ from genarm_vllm.engine.prompt_views import REQUEST_PROMPTS, RequestPrompts, req
 from genarm_vllm.engine.step_logits import StepLogits, release_step_logits, take_step_logits
 from genarm_vllm.guidance import ARCHITECTURE, GuidanceConfig, request_guidance
 from genarm_vllm.mixing import combine_scores, guidance_coefficients
-from genarm_vllm.prompts import (
-    PROMPT_LENGTHS_KEY,
-    PROMPTS_KEY,
-    check_prompt_lengths,
-    parse_xargs_prompts,
-)
+from genarm_vllm.prompts import CARRIER_KEY, PROMPTS_KEY, check_carrier, parse_xargs_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +86,9 @@ class GenARMLogitsProcessor:
         extra = sampling_params.extra_args or {}
         if PROMPTS_KEY in extra:  # the frontend turns it into a carrier (engine/carrier.py)
             parse_xargs_prompts(extra[PROMPTS_KEY], cls.num_reward_models)
-        if PROMPT_LENGTHS_KEY in extra or PROMPTS_KEY in extra:  # a carrier (prompt_views.py)
-            if PROMPT_LENGTHS_KEY in extra:
-                check_prompt_lengths(extra[PROMPT_LENGTHS_KEY], cls.num_reward_models)
+        if CARRIER_KEY in extra or PROMPTS_KEY in extra:  # a carrier (prompt_views.py)
+            if CARRIER_KEY in extra:
+                check_carrier(extra[CARRIER_KEY], cls.num_reward_models)
             if cls.v2_runner:
                 raise ValueError(
                     "per-model prompts (genarm_prompts / guidance 'prompts') are not supported "
@@ -103,7 +98,7 @@ class GenARMLogitsProcessor:
             if sampling_params.prompt_logprobs is not None:
                 raise ValueError(
                     "prompt_logprobs cannot be combined with per-model prompts (the scheduled "
-                    "prompt is every model's prompt concatenated)"
+                    "prompt carries every model's prompt)"
                 )
         override = request_guidance(sampling_params, cls.num_reward_models)
         if override is not None and cls.v2_runner and sampling_params.repetition_penalty != 1.0:

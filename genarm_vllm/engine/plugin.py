@@ -46,6 +46,7 @@ def register() -> None:
         )
         return
     MODELS_CONFIG_MAP.setdefault(ARCHITECTURE, GenARMConfigHook)
+    _cap_carrier_block_hashes()
 
 
 class GenARMConfigHook:
@@ -132,10 +133,60 @@ def _carrier_requests_at_admission() -> None:
         request = vllm_process(self, *args, **kwargs)
         if getattr(self.model_config, "genarm_prompt_id_limits", None) is not None:
             try:
-                carrier_engine_request(self.model_config, request)
+                carrier_engine_request(self.model_config, request,
+                                       self.vllm_config.cache_config.block_size)
             except ValueError as e:
                 raise PromptIdError(str(e), parameter="vllm_xargs.genarm_prompts") from None
         return request
 
     process_inputs.makes_genarm_carriers = True
     InputProcessor.process_inputs = process_inputs
+
+
+def _cap_carrier_block_hashes() -> None:
+    """Make vLLM's prefix cache share a carrier request's blocks only up to its
+    `CarrierLayout.cacheable_tokens()` (genarm_vllm/prompts.py).
+
+    Past that row a model's KV slots hold its last prompt token and its response tokens,
+    which the block hashes (the carrier's ids and salt) do not cover. Those blocks get
+    hashes private to the request (its request id: a preempted request still finds its
+    own blocks), so no other request ever hits them. vLLM needs a hash for every full
+    block (BlockPool.cache_full_blocks), so they are replaced, not dropped. The EngineCore
+    builds every Request's hasher with get_request_block_hasher(hash_block_size,
+    caching_hash_fn, ...), looked up in vllm/v1/engine/core.py when EngineCore starts,
+    after load_general_plugins (vLLM 0.32 and 0.33 alike; the hasher itself is in
+    vllm/v1/core/kv_cache_utils.py). Requests without genarm_carrier are untouched.
+    """
+    from vllm.v1.engine import core
+
+    from genarm_vllm.prompts import CARRIER_KEY, CarrierLayout
+
+    vllm_factory = core.get_request_block_hasher
+    if getattr(vllm_factory, "caps_genarm_carriers", False):
+        return
+
+    @functools.wraps(vllm_factory)
+    def get_request_block_hasher(hash_block_size, caching_hash_fn, *args, **kwargs):
+        vllm_hasher = vllm_factory(hash_block_size, caching_hash_fn, *args, **kwargs)
+
+        def request_block_hasher(request):
+            hashes = vllm_hasher(request)
+            params = request.sampling_params
+            info = (params.extra_args or {}).get(CARRIER_KEY) if params is not None else None
+            if info is None or not hashes:
+                return hashes
+            try:
+                shared = CarrierLayout(request.num_prompt_tokens, info).cacheable_tokens()
+            except (KeyError, TypeError, ZeroDivisionError):  # refused at admission
+                shared = 0
+            first = len(request.block_hashes)
+            return [
+                h if (first + i + 1) * hash_block_size <= shared
+                else caching_hash_fn(("genarm-carrier-private", request.request_id, first + i))
+                for i, h in enumerate(hashes)
+            ]
+
+        return request_block_hasher
+
+    get_request_block_hasher.caps_genarm_carriers = True
+    core.get_request_block_hasher = get_request_block_hasher

@@ -1,29 +1,39 @@
 """Every guiding model reads its own prompt: per-model views of vLLM's batch (issue 26).
 
 What a request with per-model prompts is (genarm_vllm/prompts.py): a "carrier" request
-whose prompt is the base's prompt p_0 followed by the own prompts p_i of the models that
-have one, of total length S, with `extra_args["genarm_prompt_lengths"]` saying where each
-model's prompt lies (segment (o_i, L_i); models reading the base's prompt use segment 0).
-vLLM schedules, caches and preempts the carrier like any request; only the composite
-model's forward knows the segments. Each model keeps its own tokens LEFT-ALIGNED in its
-OWN KV tensors (every sub-model has its own attention layers, one shared block table):
+whose prompt is the base's prompt padded to the longest model prompt's length S, with
+`extra_args["genarm_carrier"]` holding each reward model's own prompt ids. vLLM schedules,
+caches and preempts the carrier like any request; only the composite model's forward
+knows where each model's tokens are (`CarrierLayout`, prompts.py). Every sub-model has
+its own attention layers (its own KV tensors under the one block table); model m, with a
+prompt of L tokens, starts at the block boundary s = ((S - L) // B) * B:
 
-    carrier position c        model i's token           model position / KV slot
-    o_i + j  (j < L_i - 1)    its prompt token j        j
-    S - 1                     its last prompt token     L_i - 1
-    S + t  (response)         response token t          L_i + t
+    carrier row               model m's token           its position / KV slot
+    s + j  (j < L - 1)        its prompt token j        j / s + j
+    S - 1                     its last prompt token     L - 1 / s + L - 1
+    S + t  (response)         response token t          L + t / s + L + t
 
-- The map is increasing, so a chunk of carrier positions [a, b) is a contiguous run of
-  each model's positions, and every model position below the run was computed in earlier
-  steps (or comes from the prefix cache): chunked prefill, preemption (recompute: the
-  resumed request's prefill covers response positions too) and decode all follow.
-- Every model processes its last prompt token exactly at carrier position S - 1, the row
-  vLLM samples the first response token from, and each response token at the carrier's
-  row: the rows vLLM samples carry every model's next-token prediction.
-- L_i + t <= S + t: every slot a model writes is allocated by the scheduler for the carrier.
-- Each model computes only its own prompt's tokens (no padding, no other model's segment).
-- A plain request (no segment info) is the identity map; a batch with no carrier request
+- Rows increase with positions, so a chunk of rows [a, b) is a contiguous run of each
+  model's tokens, every earlier one computed in earlier steps or found in the prefix
+  cache: chunked prefill, preemption (recompute: the resumed prefill covers response rows
+  too) and decode all follow. Slots never exceed rows: every slot a model writes is
+  allocated by the scheduler for the carrier.
+- Every model processes its last prompt token at row S - 1, the row vLLM samples the
+  first response token from, and each response token at the carrier's row: the rows
+  vLLM samples carry every model's next-token prediction.
+- Each model's attention reads the block table from block s // B on (a block boundary,
+  so the table is only shifted), with its own positions: the model sees only its tokens.
+- Each model computes only its own prompt's tokens (no padding, no other model's prompt).
+- A plain request (no carrier info) is the identity map; a batch with no carrier request
   takes the unchanged fast path (model.py does not come here at all).
+
+Prefix caching: a regular prompt token's slot is its row, so the KV of rows [0, H) is
+exactly what the carrier computes at those rows; the carrier's cache_salt is a digest of
+every model's prompt (carrier.py), so only requests with the same prompts share blocks,
+and a repeat hits. Beyond `CarrierLayout.cacheable_tokens()` a model's slots hold its last
+prompt token and its response, which no block hash covers: the plugin stops vLLM hashing
+a carrier's blocks there (plugin._cap_carrier_block_hashes), so such a block is never
+shared, and no request ever writes into a block another one hit.
 
 Per step, `build_views` makes, for every sub-model (the base included), its own input ids,
 positions and attention metadata: query_start_loc, seq_lens and slot_mapping computed from
@@ -69,7 +79,7 @@ from dataclasses import dataclass
 
 import torch
 
-from genarm_vllm.prompts import PROMPT_LENGTHS_KEY, check_prompt_lengths, segments
+from genarm_vllm.prompts import CARRIER_KEY, CarrierLayout, check_carrier
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +88,8 @@ logger = logging.getLogger(__name__)
 class RequestPrompts:
     """One carrier request, as the worker needs it."""
 
-    carrier_length: int  # S
-    segments: list[tuple[int, int]]  # (offset, length) of the base, then of each reward model
-    last_ids: list[int]  # each model's last prompt token id
+    layout: CarrierLayout
+    prompt_ids: list[list[int]]  # the base's prompt ids, then each reward model's
 
 
 # id(vllm_config) -> {persistent-batch index: RequestPrompts}, kept by the V1 processor.
@@ -89,21 +98,17 @@ REQUEST_PROMPTS: dict[int, dict[int, RequestPrompts]] = {}
 
 def request_prompts(params, prompt_ids, num_reward_models: int) -> RequestPrompts | None:
     """The worker's view of a request (None: a plain request)."""
-    lengths = (params.extra_args or {}).get(PROMPT_LENGTHS_KEY)
-    if lengths is None or prompt_ids is None:
+    info = (params.extra_args or {}).get(CARRIER_KEY)
+    if info is None or prompt_ids is None:
         return None
     try:
-        lengths = check_prompt_lengths(lengths, num_reward_models)
-    except ValueError:
-        lengths = None
-    segs = segments(len(prompt_ids), lengths) if lengths is not None else None
-    if segs is None:  # admission checks make this unreachable through GenARM's frontends
-        logger.warning("GenARM: %s=%r does not fit a prompt of %d tokens: ignored",
-                       PROMPT_LENGTHS_KEY, lengths, len(prompt_ids))
+        info = check_carrier(info, num_reward_models, len(prompt_ids))
+    except ValueError as e:  # admission checks make this unreachable through GenARM's frontends
+        logger.warning("GenARM: %s; the request runs as a plain one", e)
         return None
-    if all(seg == segs[0] for seg in segs):  # every model reads the whole prompt
-        return None
-    return RequestPrompts(len(prompt_ids), segs, [int(prompt_ids[o + n - 1]) for o, n in segs])
+    base = [int(t) for t in prompt_ids[:info["base_length"]]]
+    ids = [base] + [base if own is None else list(own) for own in info["prompt_ids"]]
+    return RequestPrompts(CarrierLayout(len(prompt_ids), info), ids)
 
 
 @dataclass
@@ -114,51 +119,52 @@ class ModelView:
     query_start_loc: list[int]  # per kept request
     seq_lens: list[int]
     requests: list[int]  # kept requests (rows of the block table)
+    block_shifts: list[int]  # per kept request: the model's first block (layout start // B)
 
 
 def _model_view(m: int, requests: dict[int, RequestPrompts], qsl: list[int], starts: list[int],
                 input_ids: torch.Tensor) -> ModelView:
-    rows, pos, qsl_out, seq_lens, kept = [], [], [0], [], []
-    last_fix: list[tuple[int, int]] = []  # (index in view, id)
+    rows, pos, ids, qsl_out, seq_lens, kept, shifts = [], [], [], [0], [], [], []
     n_view = 0
     for r in range(len(qsl) - 1):
         q0, q1 = qsl[r], qsl[r + 1]
-        a = starts[r]
+        a = starts[r]  # the carrier row of this request's first scheduled token
         b = a + (q1 - q0)
         state = requests.get(r)
-        parts = []  # (first row, first position, count)
+        parts = []  # (first batch row, first position, count, prompt ids or None: the batch's)
+        shift = 0
         if state is None:
-            parts.append((q0, a, q1 - q0))
+            parts.append((q0, a, q1 - q0, None))
         else:
-            o, length = state.segments[m]
-            s = state.carrier_length
-            j0, j1 = max(0, a - o), min(length - 1, b - o)
-            if j0 < j1:
-                parts.append((q0 + o + j0 - a, j0, j1 - j0))
-            if a <= s - 1 < b:
-                last_fix.append((n_view + sum(p[2] for p in parts), state.last_ids[m]))
-                parts.append((q0 + s - 1 - a, length - 1, 1))
-            c0 = max(a, s)
-            if c0 < b:
-                parts.append((q0 + c0 - a, c0 - s + length, b - c0))
+            layout, prompt = state.layout, state.prompt_ids[m]
+            start, length, carrier_length = layout.starts[m], layout.lengths[m], layout.length
+            shift = start // layout.block_size
+            j0, j1 = max(0, a - start), min(length - 1, b - start)
+            if j0 < j1:  # regular prompt tokens
+                parts.append((q0 + start + j0 - a, j0, j1 - j0, prompt[j0:j1]))
+            if a <= carrier_length - 1 < b:  # the last prompt token
+                parts.append((q0 + carrier_length - 1 - a, length - 1, 1, prompt[-1:]))
+            c0 = max(a, carrier_length)
+            if c0 < b:  # response tokens
+                parts.append((q0 + c0 - a, c0 - carrier_length + length, b - c0, None))
         count = sum(p[2] for p in parts)
         if count == 0:
             continue
-        for row, p, n in parts:
+        for row, p, n, prompt_part in parts:
             rows.append(torch.arange(row, row + n))
             pos.append(torch.arange(p, p + n))
+            ids.append(input_ids[row:row + n] if prompt_part is None
+                       else torch.tensor(prompt_part, dtype=input_ids.dtype, device=input_ids.device))
         n_view += count
         qsl_out.append(n_view)
-        last_pos = parts[-1][1] + parts[-1][2] - 1
-        seq_lens.append(last_pos + 1)
+        seq_lens.append(parts[-1][1] + parts[-1][2])
         kept.append(r)
+        shifts.append(shift)
     device = input_ids.device
     rows_t = torch.cat(rows).to(device) if rows else torch.zeros(0, dtype=torch.long, device=device)
     pos_t = torch.cat(pos).to(device) if pos else torch.zeros(0, dtype=torch.long, device=device)
-    ids = input_ids[rows_t].clone()
-    for index, token in last_fix:
-        ids[index] = token
-    return ModelView(rows_t, ids, pos_t.to(torch.int64), qsl_out, seq_lens, kept)
+    ids_t = torch.cat(ids) if ids else input_ids[:0]
+    return ModelView(rows_t, ids_t, pos_t.to(torch.int64), qsl_out, seq_lens, kept, shifts)
 
 
 class PromptViews:
@@ -221,13 +227,23 @@ class PromptViews:
                     continue
                 builder = self._builder(m, input_ids.device)
                 block_size = builder.kv_cache_spec.block_size
+                if any(requests[r].layout.block_size != block_size
+                       for r in view.requests if r in requests):
+                    raise RuntimeError("GenARM: a carrier request laid out for another KV "
+                                       f"block size than this engine's ({block_size})")
                 kept = torch.tensor(view.requests, dtype=torch.long)
                 counts = torch.tensor(view.query_start_loc).diff()
                 req_of_token = torch.repeat_interleave(kept, counts)
+                shift_of_token = torch.repeat_interleave(torch.tensor(view.block_shifts), counts)
                 pos = view.positions.cpu()
+                slots = (block_table.cpu()[req_of_token, shift_of_token + pos // block_size]
+                         .to(torch.int64) * block_size + pos % block_size).to(input_ids.device)
                 bt = block_table[kept.to(block_table.device)]
-                slots = (block_table.cpu()[req_of_token, pos // block_size].to(torch.int64)
-                         * block_size + pos % block_size).to(input_ids.device)
+                if any(view.block_shifts):  # each model's table starts at its first block
+                    width = bt.shape[1]
+                    cols = (torch.arange(width, device=bt.device)[None, :]
+                            + torch.tensor(view.block_shifts, device=bt.device)[:, None])
+                    bt = bt.gather(1, cols.clamp(max=width - 1))
                 qsl_t = torch.tensor(view.query_start_loc, dtype=torch.int32)
                 seq_t = torch.tensor(view.seq_lens, dtype=torch.int32)
                 common = CommonAttentionMetadata(

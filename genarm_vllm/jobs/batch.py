@@ -226,11 +226,11 @@ class PromptBuilder:
 
     def carrier(self, ids: list[int], guidance: dict) -> tuple[dict, dict | None]:
         """A row whose models read prompts of their own (engine/carrier.py): the carrier
-        prompt, and its guidance with "prompt_lengths" (EngineFeeder.add) for "prompts"."""
+        prompt, and its guidance with "carrier" (EngineFeeder.add) for "prompts"."""
         from vllm import SamplingParams
 
         from genarm_vllm.engine.carrier import carrier_prompt
-        from genarm_vllm.prompts import PROMPT_LENGTHS_KEY, encode_prompts, has_own_prompts
+        from genarm_vllm.prompts import CARRIER_KEY, encode_prompts, has_own_prompts
 
         guidance = dict(guidance)
         entries = guidance.pop("prompts")
@@ -242,10 +242,12 @@ class PromptBuilder:
         if not has_own_prompts(encoded):
             return {"prompt_token_ids": ids}, guidance or None
         try:
-            prompt, params = carrier_prompt(ids, encoded, SamplingParams(), self.max_model_len)
+            block_size = self.llm.llm.llm_engine.vllm_config.cache_config.block_size
+            prompt, params = carrier_prompt(ids, encoded, SamplingParams(), self.max_model_len,
+                                            block_size)
         except ValueError as e:
             raise RowError("prompt too long", str(e)) from None
-        guidance["prompt_lengths"] = params.extra_args[PROMPT_LENGTHS_KEY]
+        guidance["carrier"] = params.extra_args[CARRIER_KEY]
         return prompt, guidance
 
 

@@ -63,19 +63,19 @@ class EngineFeeder:
     def add(self, key, prompt, guidance: dict | None) -> None:
         """Submit one prompt; refusal_types() when vLLM refuses it (the engine goes on)."""
         params = self.sampling_params
-        lengths = None
+        carrier = None
         if guidance is not None:
             guidance = dict(guidance)
-            # A carrier prompt's segment lengths (per-model prompts: batch.PromptBuilder).
-            lengths = guidance.pop("prompt_lengths", None)
+            # A carrier prompt's genarm_carrier (per-model prompts: batch.PromptBuilder).
+            carrier = guidance.pop("carrier", None)
         if guidance:
             (resolved,) = resolve_guidance([guidance], 1, self.llm.beta, self.llm.weights)
             params = with_guidance(params, *resolved)
-        if lengths is not None:
-            from genarm_vllm.prompts import PROMPT_LENGTHS_KEY
+        if carrier is not None:
+            from genarm_vllm.prompts import CARRIER_KEY
 
             params = params.clone()
-            params.extra_args = {**(params.extra_args or {}), PROMPT_LENGTHS_KEY: lengths}
+            params.extra_args = {**(params.extra_args or {}), CARRIER_KEY: carrier}
         request_id = f"{self._prefix}{next(self._counter)}"
         # Rendered by the LLM's own renderer, exactly as LLM.generate renders a prompt
         # (a private step of vLLM's; raw prompts are still taken where it is missing).
