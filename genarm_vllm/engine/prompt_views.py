@@ -31,13 +31,13 @@ Prefix caching: a regular prompt token's slot is its row, so the KV of rows [0, 
 exactly what the carrier computes at those rows; the carrier's cache_salt is a digest of
 every model's prompt (carrier.py), so only requests with the same prompts share blocks,
 and a repeat hits. Beyond `CarrierLayout.cacheable_tokens()` a model's slots hold its last
-prompt token and its response, which no block hash covers: the plugin stops vLLM hashing
-a carrier's blocks there (plugin._cap_carrier_block_hashes), so such a block is never
-shared, and no request ever writes into a block another one hit.
+prompt token and its response, which no block hash covers: the plugin gives a carrier's
+blocks there hashes private to the request (plugin._cap_carrier_block_hashes), so such a
+block is never shared, and no request ever writes into a block another one hit.
 
-Per step, `build_views` makes, for every sub-model (the base included), its own input ids,
+Per step, `PromptViews.views` makes, for every sub-model (the base included), its own input ids,
 positions and attention metadata: query_start_loc, seq_lens and slot_mapping computed from
-the carrier's (same block table rows), built by a metadata builder of the model's own
+the carrier's (the same block table rows, shifted), built by a metadata builder of the model's own
 attention backend (`AttentionBackend.get_builder_cls()`, as the runner builds its own;
 vllm/v1/attention/backend.py CommonAttentionMetadata), and installed, for the duration
 of the forward, in the forward context's per-layer dicts (`attn_metadata` and
@@ -45,10 +45,10 @@ of the forward, in the forward context's per-layer dicts (`attn_metadata` and
 layer through get_attention_context in
 vllm/model_executor/layers/attention/attention.py). Why not `subclass_attention_backend`
 (the ChunkedLocalAttention pattern): it rewrites CommonAttentionMetadata per backend
-class with nothing but that metadata, while the view needs per-request segment info and
+class with nothing but that metadata, while the view needs per-request carrier info and
 changes the token ids and positions the model reads, which only the forward sees.
 
-Where the segment info comes from: the V1 logits processor (logits_processor.py) gets
+Where the carrier info comes from: the V1 logits processor (logits_processor.py) gets
 every request's SamplingParams and prompt ids in `update_state`, which vLLM calls in
 `_update_states` (v1/worker/gpu_model_runner.py -> InputBatch.refresh_metadata,
 v1/worker/gpu_input_batch.py) BEFORE `_prepare_inputs` and the forward of the same step,
@@ -56,13 +56,6 @@ after condense / reorder; its persistent-batch index is the forward's request or
 keeps index -> RequestPrompts here (REQUEST_PROMPTS, keyed by id(vllm_config) as
 step_logits.STEP_LOGITS is). Model Runner V2 (GPU) has no such hook: there the processor
 refuses requests with per-model prompts at admission (plain requests are unchanged).
-
-Prefix caching: vLLM hashes the carrier's tokens. A model's left-aligned response KV lies
-in blocks whose hash does not cover those responses (slot L_i + t < S + t), so two live
-requests sharing such a block would overwrite each other's KV. The frontend therefore
-gives each carrier request its own cache_salt (unique per request): carrier requests never
-share blocks with other requests (a preempted request still hits its own blocks), and
-plain requests keep full prefix caching. See docs/per-model-prompts.md for the limits.
 
 Eager mode only reads these Python-side dicts per call; with torch.compile the
 sub-models are compiled with dynamic token counts and attention stays a custom op that
