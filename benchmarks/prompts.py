@@ -5,7 +5,10 @@ to all its layers: a separate weight copy, as a trained ARM is) or the base itse
 
   plain   the engine with per-model prompts built in, on plain prompts, against the engine
           of --before (a git revision without the feature): the same GenARM engine and
-          requests, each version in its own process, run alternately (--repeats);
+          requests, each version in its own process, run alternately (--repeats); and,
+          in one engine, the feature's two per-step hooks (the processor's carrier
+          bookkeeping, the forward's carrier check) on and off, alternately
+          (--hook-repeats): the noise of separate processes is larger than the effect;
   own     64 requests whose ARM reads its own prompt of the base's length, against the
           same requests with the ARM reading the base's prompt; the tokens each sub-model
           computes are counted (engine/prompt_views.py `_model_view`) and compared with
@@ -42,6 +45,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from throughput import (  # noqa: E402  (after the environment is set)
     _cpu_extensions,
     _default_base,
+    _model_of,
     random_prompts,
     truncated_copy,
     vllm_tokens_per_s,
@@ -105,8 +109,9 @@ def source_of(revision: str) -> Path:
 def plain(args, arm: Path) -> dict:
     before = source_of(args.before)
     runs: dict[str, list[dict]] = {"now": [], "before": []}
-    for _ in range(args.repeats):
-        for name, path in (("now", ROOT), ("before", before)):
+    versions = [("now", ROOT), ("before", before)]
+    for repeat in range(args.repeats):  # the order alternates: the second run of a pair ran faster
+        for name, path in versions[::-1] if repeat % 2 else versions:
             env = {**os.environ, "PYTHONPATH": str(path)}
             cmd = [sys.executable, __file__, "--worker", "--base", str(args.base), "--arm", str(arm),
                    "--dtype", args.dtype, "--prompt-len", str(args.prompt_len),
@@ -121,6 +126,30 @@ def plain(args, arm: Path) -> dict:
     best = {k: {b: max(r[b] for r in v) for b in v[0]} for k, v in runs.items()}
     return {"runs": runs, "best": best,
             "now_over_before": {b: best["now"][b] / best["before"][b] for b in best["now"]}}
+
+
+def hooks(args, arm: Path) -> dict:
+    """Plain prompts at batch 64 in one engine, the feature's per-step hooks on and off."""
+    from genarm_vllm import GuidedLLM
+    from genarm_vllm.engine import logits_processor
+
+    llm = GuidedLLM(args.base, [str(arm)], beta=1.0, dtype=args.dtype, **ENGINE_ARGS)
+    views = _model_of(llm).prompt_views
+    prompts = random_prompts(llm.get_tokenizer().vocab_size, 64, args.prompt_len, seed=64)
+    vllm_tokens_per_s(llm, prompts[:2], 4)
+    on_views, on_requests = views.active_requests, logits_processor.request_prompts
+    runs = {"on": [], "off": []}
+    for _ in range(args.hook_repeats):
+        for name in ("on", "off"):
+            off = name == "off"
+            views.active_requests = (lambda: {}) if off else on_views
+            logits_processor.request_prompts = (lambda *a: None) if off else on_requests
+            runs[name].append(vllm_tokens_per_s(llm, prompts, args.output_len,
+                                                min_seconds=args.min_seconds))
+    views.active_requests, logits_processor.request_prompts = on_views, on_requests
+    ratios = sorted(a / b for a, b in zip(runs["on"], runs["off"]))
+    return {"runs": runs, "on_over_off_best": max(runs["on"]) / max(runs["off"]),
+            "on_over_off_median_of_pairs": ratios[len(ratios) // 2]}
 
 
 # ----------------------------------------------------------------------------- own / cfg
@@ -150,7 +179,6 @@ def own(args, arm: Path) -> dict:
     expected = batch * (args.prompt_len + args.output_len - 1)
     result["tokens_computed"] = {"base": counts.get(0, 0), "arm": counts.get(1, 0)}
     result["tokens_expected_each"] = expected
-    result["carrier_tokens"] = batch * (2 * args.prompt_len + args.output_len - 1)
     result["own_over_shared"] = result["own"] / result["shared"]
     del llm
     return result
@@ -199,6 +227,8 @@ def main() -> None:
                         default=[1, 64], help="batch sizes of the `plain` measurement")
     parser.add_argument("--min-seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats (best kept)")
+    parser.add_argument("--hook-repeats", type=int, default=6,
+                        help="`plain`: interleaved rounds of the hooks on and off")
     parser.add_argument("--before", default="6ab2685",
                         help="the revision without per-model prompts (`plain`)")
     parser.add_argument("--only", choices=["plain", "own", "cfg"], action="append",
@@ -221,6 +251,8 @@ def main() -> None:
     if "plain" in only:
         results["plain"] = plain(args, arm)
         print("plain:", json.dumps(results["plain"]["now_over_before"]), flush=True)
+        results["plain_hooks"] = hooks(args, arm)
+        print("plain hooks:", json.dumps(results["plain_hooks"]), flush=True)
     if "own" in only:
         results["own"] = own(args, arm)
         print("own:", json.dumps(results["own"]), flush=True)
