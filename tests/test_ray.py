@@ -485,3 +485,51 @@ def test_a_failed_engine_restarts_its_replica_and_loses_no_row(ray_cluster, refe
     assert marker.exists(), "no engine failed"
     assert summary.rows_done == len(ROWS)
     assert outfile.read_text() == reference  # every row exactly once, in order
+
+
+# --- `genarm-vllm sweep --ray` ---------------------------------------------------------
+
+@pytest.mark.slow
+def test_sweep_on_ray_equals_the_single_process_sweep(ray_cluster, engine, tiny, tmp_path,
+                                                      capsys):
+    from genarm_vllm.jobs import sweep
+
+    # Rows without guidance of their own (the grid decides it), one of them without a prompt.
+    rows = [{k: v for k, v in r.items() if k not in ("beta", "weights")} for r in ROWS[:9]]
+    rows.insert(4, {"id": "no-prompt", "text": "x"})
+    settings_file = tmp_path / "settings.json"
+    settings_file.write_text(json.dumps([{"name": "engine default"},
+                                         {"name": "sharp", "weights": [2.0]}]))
+    grid = ["--settings", settings_file, "--betas", "1,0.25", "--weights", "1;0;-0.5"]
+    settings = sweep.read_settings_file(settings_file) + sweep.grid([1, 0.25], [[1], [0], [-0.5]])
+
+    # The in-process sweep on an engine whose default beta the CLI gives as --default-beta.
+    single = tmp_path / "single" / "out.jsonl"
+    single.parent.mkdir()
+    sweep.run_sweep(engine("arm_small", ["arm_small"], beta=0.5),
+                    write_jsonl(tmp_path / "in.jsonl", rows), single, GREEDY, settings,
+                    progress=False)
+    want = single.read_text().replace(str(single.parent), "DIR")  # error rows name the file
+    assert want.count("\n") == len(rows) * len(settings)
+    assert want.count('"error"') == len(settings)
+
+    out = tmp_path / "ray" / "out.jsonl"
+    args = ["sweep", "--base", tiny["base"], "--reward-model", tiny["arm_small"],
+            "--default-beta", "0.5", *grid, "--input", tmp_path / "in.jsonl", "--output", out,
+            "--temperature", "0", "--max-tokens", "12", "--ignore-eos", *ENGINE_FLAGS,
+            "--ray", "--replicas", "2", "--chunk-size", "8"]
+    assert main([str(a) for a in args]) == 0
+    assert out.read_text().replace(str(out.parent), "DIR") == want
+    assert not sweep.expanded_path_for(out).exists()
+    assert json.loads(settings_path(out).read_text())["sweep.settings"] == [
+        s.fields() for s in settings]
+
+    # Resume on Ray from an output the in-process sweep began (cut in the middle of a row):
+    # both paths fingerprint the same settings, and the rest comes out the same.
+    lines = want.splitlines(keepends=True)
+    out.write_text("".join(lines[:11]).replace("DIR", str(out.parent)) + lines[11][:20])
+    shutil.copy(settings_path(single), settings_path(out))
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 0
+    assert "11 already there" in capsys.readouterr().out
+    assert out.read_text().replace(str(out.parent), "DIR") == want
