@@ -250,3 +250,129 @@ def test_processor_module_imports_no_model_code():
     loaded = eval(done.stdout.strip().splitlines()[-1])
     assert not [m for m in loaded if not m.startswith("genarm_vllm")], loaded
     assert "genarm_vllm.engine.model" not in loaded and "genarm_vllm.engine.validation" not in loaded
+
+
+# --- Piecewise CUDA graphs (vLLM 0.33): the composite's hand-offs between sub-models ---
+
+PIECEWISE_MODES = {"NONE": False, "PIECEWISE": True, "FULL": False, "FULL_DECODE_ONLY": False,
+                   "FULL_AND_PIECEWISE": True}
+
+
+@pytest.mark.parametrize("mode", list(PIECEWISE_MODES))
+@pytest.mark.parametrize("cuda", [True, False])
+def test_piecewise_graph_outputs_follows_the_config(mode, cuda, monkeypatch):
+    """True exactly for a CUDA platform under a cudagraph mode with piecewise graphs
+    (CUDAGraphMode.has_piecewise_cudagraphs, config/compilation.py, 0.32 and 0.33 alike)."""
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    from genarm_vllm.engine import model as model_module
+
+    monkeypatch.setattr(model_module.current_platform, "is_cuda_alike", lambda: cuda)
+    config = SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=mode))
+    assert config.compilation_config.cudagraph_mode is CUDAGraphMode[mode]
+    assert model_module.piecewise_graph_outputs(config) is (cuda and PIECEWISE_MODES[mode])
+    config.compilation_config.cudagraph_mode = None  # not yet resolved by VllmConfig
+    assert model_module.piecewise_graph_outputs(config) is False
+
+
+def fake_composite(monkeypatch, mode: str, cuda: bool, arm_rows=(40, 40)):
+    """A GenARMForCausalLM whose sub-models act as piecewise-graph replays do: each one's
+    output is the same memory (one shared graph pool), overwritten by the next sub-model."""
+    from torch import nn
+    from vllm.config import CompilationConfig
+
+    from genarm_vllm.engine import model as model_module
+    from genarm_vllm.engine.model import GenARMForCausalLM, RewardModel
+
+    monkeypatch.setattr(model_module.current_platform, "is_cuda_alike", lambda: cuda)
+    pool = torch.zeros(64, 2)
+    calls = []
+
+    class Replayed(nn.Module):
+        def __init__(self, value):
+            super().__init__()
+            self.value = value
+
+        def forward(self, input_ids, positions, *args):
+            calls.append((self.value, input_ids))
+            n = input_ids.shape[0]
+            pool[:n] = input_ids.float()[:, None] + self.value
+            return pool[:n]  # a weak reference into the pool
+
+    model = GenARMForCausalLM.__new__(GenARMForCausalLM)
+    nn.Module.__init__(model)
+    model.vllm_config = SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=mode))
+    model.__dict__["prompt_views"] = SimpleNamespace(active_requests=lambda: [])
+    model.base = Replayed(1000)
+    model.arms = [RewardModel(f"arm_{c}", Replayed(1000 * (i + 2)), False, 2, rows)
+                  for i, (c, rows) in enumerate(zip("ab", arm_rows))]
+    for arm in model.arms:
+        setattr(model, arm.name, arm.module)
+    return model, calls
+
+
+@pytest.mark.parametrize("mode", list(PIECEWISE_MODES))
+@pytest.mark.parametrize("cuda", [True, False])
+def test_forward_copies_outputs_only_under_piecewise_graphs(mode, cuda, monkeypatch):
+    """Under piecewise graphs on CUDA the base's and the first ARM's hidden states are copied
+    before the next sub-model replays, so each survives; otherwise nothing is copied (the
+    fake's shared pool then shows the last sub-model's values everywhere)."""
+    model, _ = fake_composite(monkeypatch, mode, cuda)
+    ids = torch.arange(5)
+    out = model.forward(ids, torch.arange(5))
+    base, arm_a, arm_b = out.split(2, dim=-1)
+    expect = ids.float()[:, None].expand(5, 2)
+    assert torch.equal(arm_b, expect + 3000)  # the last one is read at once: never copied
+    copied = cuda and PIECEWISE_MODES[mode]
+    assert torch.equal(base, expect + (1000 if copied else 3000))
+    assert torch.equal(arm_a, expect + (2000 if copied else 3000))
+
+
+def test_arm_ids_buffer_is_one_storage_and_holds_the_clamped_ids(monkeypatch):
+    """An ARM with fewer embedding rows than the base reads its clamped ids from its buffer,
+    at the same address in every step; an ARM with enough rows reads vLLM's ids as given."""
+    model, calls = fake_composite(monkeypatch, "PIECEWISE", True, arm_rows=(30, 64))
+    model.register_buffer("arm_a_ids", torch.zeros(16, dtype=torch.int32), persistent=False)
+    addresses = set()
+    for step in ([3, 35, 29, 40], [31], list(range(16))):
+        calls.clear()
+        ids = torch.tensor(step, dtype=torch.int32)
+        model.forward(ids, torch.arange(len(step)))
+        seen = {value: got for value, got in calls}
+        assert seen[1000] is ids and seen[3000] is ids  # the base and arm_b: vLLM's own ids
+        assert torch.equal(seen[2000], ids.clamp(max=29))
+        assert seen[2000].dtype == torch.int32
+        addresses.add(seen[2000].data_ptr())
+    assert addresses == {model.arm_a_ids.data_ptr()}
+
+
+def test_engine_registers_arm_id_buffers_and_stays_exact(tiny, engine):
+    """The real engine: a buffer of max_num_batched_tokens int32 ids for the ARM with a
+    smaller vocabulary (arm_small) only, read at one address in every step, and greedy
+    output still the reference's."""
+    from genarm_vllm.reference import ReferenceDecoder
+    from genarm_vllm.testing import PROMPTS
+    from vllm import SamplingParams
+
+    arms = ["arm_small", "arm_same"]
+    llm = engine("gpu-paths ids", arms, beta=0.7, weights=[1.0, 0.5])
+    config = llm.llm.llm_engine.vllm_config
+    model = llm.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+    assert model.arm_a.model.embed_tokens.num_embeddings < model.base.model.embed_tokens.num_embeddings
+    buffer = model.arm_a_ids
+    assert buffer.dtype == torch.int32
+    assert buffer.shape == (config.scheduler_config.max_num_batched_tokens,)
+    assert not hasattr(model, "arm_b_ids")  # arm_same: the base's vocabulary
+    assert "arm_a_ids" not in model.state_dict()  # not a weight
+    seen, forward = [], model.arm_a.forward
+    model.arm_a.forward = lambda ids, positions, *a, **k: (
+        seen.append((ids.data_ptr(), ids.clone())) or forward(ids, positions, *a, **k))
+    try:
+        got = [list(o.outputs[0].token_ids) for o in llm.generate(
+            PROMPTS, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))]
+    finally:
+        del model.arm_a.forward
+    assert len(seen) >= 6 and {ptr for ptr, _ in seen} == {buffer.data_ptr()}
+    want = ReferenceDecoder(tiny["base"], [tiny[a] for a in arms], beta=0.7,
+                            weights=[1.0, 0.5]).generate(PROMPTS, 6, ignore_eos=True)
+    assert got == want

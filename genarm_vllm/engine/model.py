@@ -48,6 +48,24 @@ def _has_layer_metadata() -> bool:
     return is_forward_context_available() and isinstance(get_forward_context().attn_metadata, dict)
 
 
+def piecewise_graph_outputs(vllm_config: VllmConfig) -> bool:
+    """Whether a compiled sub-model's output may be overwritten by the next one's graphs.
+
+    Under piecewise CUDA graphs (vLLM 0.33) each sub-model's compiled forward is a chain of
+    captured pieces, and the LAST piece's output is a weak reference into the graph pool
+    shared by all graphs (compilation/backends.py `wrap_with_cudagraph_if_needed`:
+    `weak_ref_output=is_last_graph`; compilation/cuda_graph.py `CUDAGraphWrapper`: the
+    capture frees it and every replay returns `weak_ref_tensors(output)`). A sub-model
+    captured after it may reuse that memory, so the base's (or an earlier ARM's) hidden
+    states must be copied before the next sub-model runs; vLLM's gemma3n does the same
+    (model_executor/models/gemma3n.py, `.clone()`). Read per step: the model runner may
+    still change the mode after the model is built (`resolve_cudagraph_mode_and_sizes`,
+    v1/worker/gpu/model_runner.py). CPU or eager engines pay nothing."""
+    mode = vllm_config.compilation_config.cudagraph_mode
+    return (current_platform.is_cuda_alike() and mode is not None
+            and mode.has_piecewise_cudagraphs())
+
+
 def reward_model_prefix(index: int) -> str:
     # Attention layer names must hold exactly one integer (the layer index), so
     # sub-models are named by letter: arm_a, arm_b, ...
@@ -143,6 +161,8 @@ class GenARMForCausalLM(nn.Module):
         self.base_hidden_size = text_config(model_config.hf_config).hidden_size
         self.arms: list[RewardModel] = []
         self.secondary_weights = []
+        base_vocab = text_config(model_config.hf_config).vocab_size
+        max_tokens = vllm_config.scheduler_config.max_num_batched_tokens
         for i, (path, arm_config) in enumerate(zip(guidance.reward_models, arm_configs)):
             name = reward_model_prefix(i)
             if path in adapters or path == SELF_MODEL:  # "self": no adapter
@@ -159,6 +179,14 @@ class GenARMForCausalLM(nn.Module):
                     module = initialize_model(vllm_config=arm_vllm_config, prefix=name)
                 config = text_config(arm_config)
                 self.arms.append(RewardModel(name, module, False, config.hidden_size, config.vocab_size))
+                if config.vocab_size < base_vocab:
+                    # Its clamped token ids (see _arm_input_ids), at one address for every
+                    # step: a captured graph reads its inputs from the address recorded at
+                    # capture (compilation/cuda_graph.py), and a fresh clamp() result would
+                    # leave the ARM reading stale ids. int32 and max_num_batched_tokens
+                    # rows, as the runners' own input_ids buffer (v1/worker/gpu/input_batch.py).
+                    self.register_buffer(f"{name}_ids", torch.zeros(max_tokens, dtype=torch.int32),
+                                         persistent=False)
                 # The default loader reads these after the base checkpoint, names prefixed.
                 self.secondary_weights.append(DefaultModelLoader.Source(path, None, prefix=f"{name}."))
             setattr(self, name, module)
@@ -181,6 +209,19 @@ class GenARMForCausalLM(nn.Module):
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.base.embed_input_ids(input_ids)
 
+    def _arm_input_ids(self, arm: RewardModel, input_ids: torch.Tensor) -> torch.Tensor:
+        """The ids a full-weight ARM reads. An id beyond its embedding rows is never sampled
+        (the mix gives it -inf) and vLLM's prompt check refuses prompts holding one
+        (plugin.py); the clamp only keeps a request that slipped past from crashing the
+        engine. ARMs with the base's vocabulary or more read vLLM's own ids."""
+        buffer = getattr(self, f"{arm.name}_ids", None)
+        if buffer is None:
+            return input_ids
+        n = input_ids.shape[0]
+        if n > buffer.shape[0]:  # not a step vLLM schedules (at most max_num_batched_tokens)
+            return input_ids.clamp(max=arm.embedding_rows - 1)
+        return torch.clamp(input_ids, max=arm.embedding_rows - 1, out=buffer[:n])
+
     def forward(
         self,
         input_ids: torch.Tensor | None,
@@ -198,6 +239,10 @@ class GenARMForCausalLM(nn.Module):
             with self.prompt_views.views(requests, input_ids, positions) as views:
                 return self._forward_views(views, input_ids)
         lora_arms = self.lora_arms
+        full_arms = [arm for arm in self.arms if not arm.on_base_weights]
+        # Outputs of compiled sub-models that another one's graphs could overwrite
+        # (piecewise_graph_outputs); the stacked forward runs eagerly, outside any graph.
+        keep = bool(full_arms) and piecewise_graph_outputs(self.vllm_config)
         if lora_arms:  # base and LoRA ARMs in one pass over the base's weights
             stacked = stacked_forward(
                 self.base.model, [arm.module for arm in lora_arms], input_ids, positions
@@ -206,14 +251,12 @@ class GenARMForCausalLM(nn.Module):
             hidden = dict(zip((arm.name for arm in lora_arms), lora_hidden))
         else:
             base_hidden = self.base(input_ids, positions, intermediate_tensors, inputs_embeds)
+            if keep:
+                base_hidden = base_hidden.clone()
             hidden = {}
-        for arm in self.arms:
-            if not arm.on_base_weights:
-                # An id beyond an ARM's embedding rows is never sampled (the mix gives it
-                # -inf) and vLLM's prompt check refuses prompts holding one (plugin.py); the
-                # clamp only keeps a request that slipped past from crashing the engine.
-                ids = input_ids.clamp(max=arm.embedding_rows - 1)
-                hidden[arm.name] = arm.module(ids, positions)
+        for j, arm in enumerate(full_arms):
+            out = arm.module(self._arm_input_ids(arm, input_ids), positions)
+            hidden[arm.name] = out.clone() if keep and j < len(full_arms) - 1 else out
         return torch.cat([base_hidden, *(hidden[arm.name] for arm in self.arms)], dim=-1)
 
     @functools.cached_property
@@ -236,11 +279,16 @@ class GenARMForCausalLM(nn.Module):
             hidden.update((name, part) for (name, _), part in zip(stacked_models, parts))
         elif not lora_arms and base_view.rows.numel():
             hidden["base"] = self.base(base_view.input_ids, base_view.positions)
-        for arm in self.arms:
+        # As in forward: copy compiled outputs before the next sub-model's graphs run.
+        full_arms = [arm for arm in self.arms
+                     if not arm.on_base_weights and arm_views[arm.name].rows.numel()]
+        keep = bool(full_arms) and piecewise_graph_outputs(self.vllm_config)
+        if keep and not lora_arms and "base" in hidden:
+            hidden["base"] = hidden["base"].clone()
+        for j, arm in enumerate(full_arms):
             view = arm_views[arm.name]
-            if not arm.on_base_weights and view.rows.numel():
-                ids = view.input_ids.clamp(max=arm.embedding_rows - 1)
-                hidden[arm.name] = arm.module(ids, view.positions)
+            out = arm.module(self._arm_input_ids(arm, view.input_ids), view.positions)
+            hidden[arm.name] = out.clone() if keep and j < len(full_arms) - 1 else out
         widths = [("base", base_view, self.base_hidden_size)] + [
             (arm.name, arm_views[arm.name], arm.hidden_size) for arm in self.arms]
         like = next(iter(hidden.values()), None)
