@@ -22,8 +22,12 @@ def pack(
     out: str | os.PathLike,
     beta: float = 1.0,
     weights: Sequence[float] | None = None,
+    own_chat_templates: bool = False,
 ) -> Path:
-    """Write a bundle folder at `out` (see module doc) and return its path."""
+    """Write a bundle folder at `out` (see module doc) and return its path.
+
+    own_chat_templates: stored in the bundle (genarm_own_chat_templates): in chat requests
+    each reward model renders the messages with its own tokenizer's chat template."""
     from genarm_vllm.engine.validation import check_reward_models
 
     base, out = Path(base).resolve(), Path(out)
@@ -36,8 +40,9 @@ def pack(
                 or (Path(path) / "adapter_config.json").is_file()):
             raise ValueError(f"reward model folder {path} has no config.json "
                              "(a model) or adapter_config.json (a LoRA adapter)")
-    overrides = composite_fields(base, reward_models, beta, weights)
-    check_reward_models(str(base), overrides["genarm_reward_models"])
+    overrides = composite_fields(base, reward_models, beta, weights, own_chat_templates)
+    check_reward_models(str(base), overrides["genarm_reward_models"],
+                        own_chat_templates=own_chat_templates)
     if out.exists() and any(out.iterdir()) and read_bundle(out) is None:
         raise ValueError(f"{out} exists and is not a GenARM bundle; refusing to overwrite it")
     # Re-packing a bundle starts afresh: no entry of a previous base (e.g. an old weight

@@ -8,6 +8,9 @@ Guidance reaches the engine in three shapes, all defined here:
       genarm_reward_models        [path, ...] reward model folders, in weight order
       genarm_beta                 default beta (1.0)
       genarm_weights              default weight per reward model (1.0 each)
+      genarm_own_chat_templates   true: each reward model renders chat requests with its
+                                  own tokenizer's chat template (default false; written only
+                                  when true)
 - per request, `SamplingParams.extra_args` (over HTTP the `vllm_xargs` body field):
       {"genarm_beta": 0.5, "genarm_weights": [1.0, 0.3]}
   and "genarm_prompts" (per-model prompts, genarm_vllm/prompts.py)
@@ -47,6 +50,17 @@ def model_path(path) -> str:
 # Request keys of SamplingParams.extra_args / vllm_xargs.
 BETA_KEY = "genarm_beta"
 WEIGHTS_KEY = "genarm_weights"
+
+# Config field: under it a chat request (messages) gives every reward model not on the
+# base's weights those messages as its own prompt (genarm_vllm/prompts.py chat_prompts).
+OWN_CHAT_TEMPLATES_FIELD = "genarm_own_chat_templates"
+
+
+def check_own_chat_templates(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{OWN_CHAT_TEMPLATES_FIELD} must be true or false, got {value!r}")
+    return value
+
 
 # Each value has its own range, so that every coefficient w_i / beta has magnitude <= 1e30
 # whatever the other values are (a request may give beta alone, its weights being the
@@ -111,6 +125,7 @@ class GuidanceConfig:
     reward_models: list[str]
     beta: float
     weights: list[float]
+    own_chat_templates: bool = False
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, object]) -> GuidanceConfig:
@@ -122,6 +137,7 @@ class GuidanceConfig:
                 "in its config"
             )
         weights = fields.get("genarm_weights")
+        own_chat_templates = check_own_chat_templates(fields.get(OWN_CHAT_TEMPLATES_FIELD, False))
         return cls(
             base_architectures=list(fields.get("genarm_base_architectures") or []),
             reward_models=reward_models,
@@ -131,6 +147,7 @@ class GuidanceConfig:
                 len(reward_models),
                 "genarm_weights",
             ),
+            own_chat_templates=own_chat_templates,
         )
 
     @classmethod
@@ -156,6 +173,7 @@ def composite_fields(
     reward_models: Sequence[str | os.PathLike],
     beta: float = 1.0,
     weights: Sequence[float] | None = None,
+    own_chat_templates: bool = False,
 ) -> dict:
     """The hf_config fields that turn the model folder `base` into a GenARM composite."""
     base_config = json.loads((Path(base) / "config.json").read_text())
@@ -165,13 +183,17 @@ def composite_fields(
     if weights is None:
         weights = [1.0] * len(reward_models)
     beta, weights = check_guidance(beta, weights, len(reward_models))
-    return {
+    check_own_chat_templates(own_chat_templates)
+    fields = {
         "architectures": [ARCHITECTURE],
         "genarm_base_architectures": base_config.get("architectures") or [],
         "genarm_reward_models": reward_models,
         "genarm_beta": beta,
         "genarm_weights": weights,
     }
+    if own_chat_templates:  # absent means false: configs without the option stay as they were
+        fields[OWN_CHAT_TEMPLATES_FIELD] = True
+    return fields
 
 
 def genarm_fields(
@@ -179,17 +201,19 @@ def genarm_fields(
     reward_models: Sequence[str | os.PathLike] | None = None,
     beta: float | None = None,
     weights: Sequence[float] | None = None,
+    own_chat_templates: bool | None = None,
 ) -> tuple[dict, GuidanceConfig]:
     """The validated GenARM config fields for `model`, and what they say.
 
-    `model` is a bundle (its own fields are the defaults; beta / weights override them)
-    or a base model folder, which then needs reward models.
+    `model` is a bundle (its own fields are the defaults; beta / weights /
+    own_chat_templates override them) or a base model folder, which then needs reward models.
     """
     bundle = read_bundle(model)
     if bundle is None:
         if not reward_models:
             raise ValueError(f"{model} is not a GenARM bundle: give at least one reward model")
-        fields = composite_fields(model, reward_models, 1.0 if beta is None else beta, weights)
+        fields = composite_fields(model, reward_models, 1.0 if beta is None else beta, weights,
+                                  own_chat_templates or False)
     else:
         fields = dict(bundle)
         given = [model_path(p) for p in reward_models or []]
@@ -202,6 +226,8 @@ def genarm_fields(
             fields["genarm_beta"] = beta
         if weights is not None:
             fields["genarm_weights"] = weights
+        if own_chat_templates is not None:
+            fields[OWN_CHAT_TEMPLATES_FIELD] = own_chat_templates
     guidance = GuidanceConfig.from_fields(fields)
     fields.update(genarm_beta=guidance.beta, genarm_weights=guidance.weights)
     return fields, guidance

@@ -129,6 +129,49 @@ def encode_prompts(prompts: Sequence, tokenizers: Sequence, limits: Sequence[int
     return encoded
 
 
+def same_as_base(encoded: Sequence[Sequence[int] | None], base_ids: Sequence[int]) -> list:
+    """`encoded` with every own prompt equal to the base's prompt ids read as None: that
+    model reads the same tokens either way, and a request left without own prompts stays
+    a plain one (no carrier, vLLM's fast path)."""
+    base = [int(t) for t in base_ids]
+    return [None if e is not None and [int(t) for t in e] == base else e for e in encoded]
+
+
+def chat_prompts(messages: Sequence[Mapping], renders_own: Sequence[bool]) -> list | None:
+    """The per-model prompt entries of a chat request under `genarm_own_chat_templates`
+    (guidance.OWN_CHAT_TEMPLATES_FIELD): the messages for each model that renders chats
+    with its own chat template (renders_own[i]), None (the base's rendering) for the
+    others; None when no model does. A request that gives "prompts" itself keeps them."""
+    if not any(renders_own):
+        return None
+    messages = list(messages)
+    return [messages if own else None for own in renders_own]
+
+
+def text_messages(messages: Sequence[Mapping], name: str = "messages") -> list[dict]:
+    """OpenAI chat messages as {"role", "content": str}: a list of content parts becomes
+    its text parts joined by newlines, as vLLM's "string" content format does
+    (vllm/renderers/chat_utils.py); other parts (images, audio) are refused."""
+    result = []
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if content is None:
+            content = ""
+        elif not isinstance(content, str):
+            texts = []
+            for part in content:
+                part = dict(part) if isinstance(part, Mapping) else {"type": type(part).__name__}
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(
+                        f"{name}[{i}]: reward models rendering chats with their own chat "
+                        f"template read text only, got a {part.get('type')!r} content part"
+                    )
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        result.append({"role": str(m.get("role")), "content": content})
+    return result
+
+
 def build_carrier(base_ids: Sequence[int], own: Sequence[Sequence[int] | None],
                   block_size: int) -> tuple[list[int], dict]:
     """(carrier prompt ids, its extra_args[CARRIER_KEY]) of a request whose models read the

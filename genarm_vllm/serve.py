@@ -56,6 +56,7 @@ def server_argv(
     beta: float | None,
     weights: list[float] | None,
     vllm_args: list[str],
+    own_chat_templates: bool | None = None,
 ) -> tuple[list[str], GuidanceConfig]:
     """The vLLM server command line for `model` (a bundle, or a base + reward models).
 
@@ -66,7 +67,7 @@ def server_argv(
     from genarm_vllm.engine.validation import check_reward_models
 
     flags, user_set = read_server_flags(vllm_args)
-    fields, guidance = genarm_fields(model, reward_models, beta, weights)
+    fields, guidance = genarm_fields(model, reward_models, beta, weights, own_chat_templates)
     check_reward_models(
         model,
         guidance.reward_models,
@@ -75,6 +76,7 @@ def server_argv(
         tensor_parallel_size=flags.get("tensor_parallel_size") or 1,
         speculative_config=flags.get("speculative_config"),
         pipeline_parallel_size=flags.get("pipeline_parallel_size") or 1,
+        own_chat_templates=guidance.own_chat_templates,
     )
     argv = [sys.executable, "-m", SERVER_MODULE, *vllm_args]
     argv += default_flags(engine_defaults(model, guidance.reward_models, user_set))
@@ -83,14 +85,18 @@ def server_argv(
     return argv, guidance
 
 
-def serve(model, reward_models, beta, weights, vllm_args: list[str]) -> None:
+def serve(model, reward_models, beta, weights, vllm_args: list[str],
+          own_chat_templates: bool | None = None) -> None:
     """Check, announce, then exec vLLM's OpenAI-compatible server (never returns)."""
-    argv, guidance = server_argv(model, reward_models, beta, weights, vllm_args)
+    argv, guidance = server_argv(model, reward_models, beta, weights, vllm_args,
+                                 own_chat_templates)
     print(
         "genarm-vllm serve: reward models, in genarm_weights order:\n"
         + "".join(f"  [{i}] {p}\n" for i, p in enumerate(guidance.reward_models))
         + f"  defaults: genarm_beta={guidance.beta}, genarm_weights={guidance.weights}\n"
-        '  per request: {"vllm_xargs": {"genarm_beta": 0.5, "genarm_weights": [...]}}',
+        + ("  chat requests: each reward model renders the messages with its own chat "
+           "template (genarm_own_chat_templates)\n" if guidance.own_chat_templates else "")
+        + '  per request: {"vllm_xargs": {"genarm_beta": 0.5, "genarm_weights": [...]}}',
         file=sys.stderr,
         flush=True,
     )

@@ -29,10 +29,14 @@ def prompt_ids(tokenizer, prompt: str | None = None, messages: list | None = Non
         raise ValueError("give exactly one of prompt (a string) or messages (a chat)")
     if messages is None:
         return tokenizer(prompt).input_ids
+    return tokenizer(chat_text(tokenizer, messages), add_special_tokens=False).input_ids
+
+
+def chat_text(tokenizer, messages: list) -> str:
+    """Chat `messages` rendered with the tokenizer's chat template, generation prompt added."""
     if not tokenizer.chat_template:
         raise ValueError(f"the tokenizer of {tokenizer.name_or_path} has no chat template")
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
 def response_ids(tokenizer, response: str) -> list[int]:

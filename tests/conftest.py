@@ -84,3 +84,15 @@ def padded_pair(tmp_path_factory):
     weights["lm_head.weight"][extra_id] = weights["lm_head.weight"].sum(0)
     save_file(weights, weights_file, metadata={"format": "pt"})
     return models, extra_id
+
+
+@pytest.fixture(scope="session")
+def chat_arm(tmp_path_factory):
+    """An ARM on the tiny tokenizer with a chat template of its own (PKU style)."""
+    root = tmp_path_factory.mktemp("chat_arm")
+    tokenizer = build_tokenizer(root / "tok")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}we see {{ m['content'] }} "
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}it is{% endif %}"
+    )
+    return build_model(root / "arm", tokenizer, seed=7)

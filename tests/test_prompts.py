@@ -89,18 +89,6 @@ def test_self_and_an_arm_with_own_prompts(tiny, engine):
     assert token_ids(llm.generate(PROMPTS, GREEDY, guidance=guidance)) == want
 
 
-@pytest.fixture(scope="session")
-def chat_arm(tmp_path_factory):
-    """An ARM on the tiny tokenizer with a chat template of its own (PKU style)."""
-    root = tmp_path_factory.mktemp("chat_arm")
-    tokenizer = build_tokenizer(root / "tok")
-    tokenizer.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}we see {{ m['content'] }} "
-        "{% endif %}{% endfor %}{% if add_generation_prompt %}it is{% endif %}"
-    )
-    return build_model(root / "arm", tokenizer, seed=7)
-
-
 def test_chat_messages_use_the_arms_own_template(tiny, engine, chat_arm):
     llm = engine("chat arm", reward_paths=[chat_arm], beta=1.0)
     messages = [{"role": "user", "content": "the cat sat on the mat"}]
@@ -287,3 +275,177 @@ def test_genarm_prompts_in_extra_args_on_the_raw_engine(tiny, engine):
         with pytest.raises(VLLMValidationError, match=match):
             llm.llm.generate(PROMPTS[:1], SamplingParams(max_tokens=2,
                                                          extra_args={"genarm_prompts": bad}))
+
+
+# ----------------------------------------------------------------------------- own chat templates
+
+CHATS = [
+    [{"role": "user", "content": "the cat sat on the mat"}],
+    [{"role": "system", "content": "we love the sun"}, {"role": "user", "content": "a dog"}],
+    [{"role": "user", "content": "she saw the big red car"}],
+]
+
+
+@pytest.fixture(scope="module")
+def own_chat(tiny, engine, chat_arm):
+    """An engine under own_chat_templates: an ARM with a chat template of its own, one with
+    the base's template (renders what the base renders) and "self" (the base's weights)."""
+    arms = [chat_arm, tiny["arm_small"], "self"]
+    llm = engine("own chat templates", reward_paths=arms, beta=0.7, weights=[1.0, 0.5, -0.3],
+                 own_chat_templates=True)
+    ref = ReferenceDecoder(tiny["base"], arms, beta=0.7, weights=[1.0, 0.5, -0.3])
+    return llm, ref
+
+
+def chat_reference(llm, ref, chats, prompts=None):
+    """The reference decoder on the base's rendering of each chat; `prompts` per chat (None:
+    the chat ARM renders the chat itself, the others read the base's rendering)."""
+    from genarm_vllm.tokenization import prompt_ids
+
+    base_ids = [prompt_ids(llm.get_tokenizer(), messages=c) for c in chats]
+    guidance = [{"prompts": [c, None, None] if p is None else p}
+                for c, p in zip(chats, prompts or [None] * len(chats))]
+    return ref.generate(base_ids, 16, ignore_eos=True, guidance=guidance)
+
+
+def test_own_chat_templates_in_chat(own_chat):
+    llm, ref = own_chat
+    assert llm.chat_template_models == [True, True, False]
+    outputs = llm.chat(CHATS, GREEDY, use_tqdm=False)
+    want = chat_reference(llm, ref, CHATS)
+    assert token_ids(outputs) == want
+    # The option changes the output (the test can fail): the base's rendering for all ...
+    base_reads = chat_reference(llm, ref, CHATS, [[None] * 3] * len(CHATS))
+    assert want != base_reads
+    # ... which an explicit per-request "prompts" still asks for, and it wins.
+    explicit = [{"prompts": [None] * 3}, {"prompts": [ARM_PROMPTS[0], None, "bad awful"]}, None]
+    got = llm.chat(CHATS, GREEDY, guidance=explicit, use_tqdm=False)
+    prompts = [[None] * 3, [ARM_PROMPTS[0], None, "bad awful"], None]
+    assert token_ids(got) == chat_reference(llm, ref, CHATS, prompts)
+    # One conversation alone; outputs report the base's rendering.
+    one = llm.chat(CHATS[0], GREEDY, use_tqdm=False)
+    assert token_ids(one) == want[:1]
+    rendered = llm.get_tokenizer().apply_chat_template(CHATS[0], tokenize=False,
+                                                       add_generation_prompt=True)
+    assert one[0].prompt == rendered
+
+
+def test_own_chat_templates_in_vllms_own_llm_chat(own_chat):
+    """vllm.LLM.chat on the same engine (the option comes from the engine's config, as it
+    does for a bundle loaded with plain vLLM): the same tokens as GuidedLLM.chat; a
+    request's own genarm_prompts win; text-only content parts are read as the text."""
+    from vllm import SamplingParams
+
+    from genarm_vllm.prompts import PROMPTS_KEY
+
+    llm, ref = own_chat
+    want = chat_reference(llm, ref, CHATS)
+    assert token_ids(llm.llm.chat(CHATS, GREEDY, use_tqdm=False)) == want
+    explicit = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True,
+                              extra_args={PROMPTS_KEY: ["<base>", "<base>", "bad awful"]})
+    got = llm.llm.chat([CHATS[1], CHATS[2]], [explicit, GREEDY], use_tqdm=False)
+    assert token_ids(got) == [
+        chat_reference(llm, ref, CHATS[1:2], [[None, None, "bad awful"]])[0], want[2]]
+    parts = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+             for m in CHATS[0]]
+    assert token_ids(llm.llm.chat(parts, GREEDY, use_tqdm=False)) == want[:1]
+    assert GREEDY.extra_args is None  # the caller's params are not changed
+
+
+def test_own_chat_templates_same_rendering_stays_a_plain_request(own_chat):
+    """The ARM with the base's chat template renders the base's ids: no carrier."""
+    from vllm import SamplingParams
+
+    from genarm_vllm.engine.carrier import carrier_requests
+
+    llm, _ = own_chat
+    ids = llm.get_tokenizer()(llm.get_tokenizer().apply_chat_template(
+        CHATS[0], tokenize=False, add_generation_prompt=True), add_special_tokens=False).input_ids
+    prompt = {"prompt_token_ids": ids}
+    _, _, restore = carrier_requests(llm, [prompt], [SamplingParams()], [[None, CHATS[0], None]])
+    assert restore == {}
+    _, _, restore = carrier_requests(llm, [prompt], [SamplingParams()], [[CHATS[0], None, None]])
+    assert list(restore) == [0]
+
+
+def test_own_chat_templates_in_batch_job_rows(own_chat, tmp_path):
+    import json
+
+    from genarm_vllm.jobs.batch import run_job
+
+    llm, ref = own_chat
+    rows = [{"id": i, "messages": c} for i, c in enumerate(CHATS)]
+    rows.append({"id": "explicit", "messages": CHATS[1],
+                 "prompts": [ARM_PROMPTS[0], None, "bad awful"]})
+    rows.append({"id": "plain", "prompt": PROMPTS[0]})  # not a chat: unchanged
+    infile = tmp_path / "in.jsonl"
+    infile.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    run_job(llm, infile, out, GREEDY, progress=False)
+    got = [json.loads(line)["generated_token_ids"] for line in out.read_text().splitlines()]
+    assert got[:3] == chat_reference(llm, ref, CHATS)
+    assert got[3] == chat_reference(llm, ref, CHATS[1:2],
+                                    [[ARM_PROMPTS[0], None, "bad awful"]])[0]
+    assert got[4] == ref.generate(PROMPTS[:1], 16, ignore_eos=True)[0]
+
+
+def test_own_chat_templates_in_a_bundle(tiny, chat_arm, tmp_path, capsys):
+    from genarm_vllm.cli import main
+    from genarm_vllm.guidance import genarm_fields, read_bundle
+
+    bundle = tmp_path / "bundle"
+    assert main(["pack", "--base", str(tiny["base"]), "--reward-model", str(chat_arm),
+                 "--own-chat-templates", "--out", str(bundle)]) == 0
+    assert read_bundle(bundle)["genarm_own_chat_templates"] is True
+    fields, guidance = genarm_fields(bundle)
+    assert guidance.own_chat_templates and fields["genarm_own_chat_templates"] is True
+    # An explicit setting overrides the bundle's.
+    fields, guidance = genarm_fields(bundle, own_chat_templates=False)
+    assert not guidance.own_chat_templates and fields["genarm_own_chat_templates"] is False
+    # Without the option nothing is written (configs stay as they were).
+    assert main(["pack", "--base", str(tiny["base"]), "--reward-model", str(chat_arm),
+                 "--out", str(bundle)]) == 0
+    assert "genarm_own_chat_templates" not in read_bundle(bundle)
+    with pytest.raises(ValueError, match="genarm_own_chat_templates must be true or false"):
+        genarm_fields(tiny["base"], [chat_arm], own_chat_templates="yes")
+
+
+def test_own_chat_templates_refuse_an_arm_without_a_chat_template(tiny, tmp_path, capsys):
+    from genarm_vllm import GuidedLLM
+    from genarm_vllm.bundle import pack
+    from genarm_vllm.cli import main
+    from genarm_vllm.serve import server_argv
+
+    tokenizer = build_tokenizer(tmp_path / "tok")
+    tokenizer.chat_template = None
+    arm = str(build_model(tmp_path / "arm", tokenizer, seed=8))
+    match = f"genarm_own_chat_templates.*reward model {arm} has none"
+    with pytest.raises(ValueError, match=match):  # before any engine starts
+        GuidedLLM(tiny["base"], [arm, "self"], own_chat_templates=True)
+    with pytest.raises(ValueError, match=match):
+        pack(tiny["base"], [arm], tmp_path / "bundle", own_chat_templates=True)
+    with pytest.raises(ValueError, match=match):
+        server_argv(str(tiny["base"]), [arm], None, None, [], own_chat_templates=True)
+    assert main(["pack", "--base", str(tiny["base"]), "--reward-model", arm,
+                 "--own-chat-templates", "--out", str(tmp_path / "b")]) == 2
+    assert "has none" in capsys.readouterr().err
+    # Without the option, or for "self" (the base's template), nothing to refuse.
+    server_argv(str(tiny["base"]), [arm], None, None, [])
+    server_argv(str(tiny["base"]), ["self"], None, None, [], own_chat_templates=True)
+
+
+def test_own_chat_templates_flags_and_job_fingerprint(tiny, chat_arm, tmp_path):
+    from genarm_vllm.cli import build_parser
+    from genarm_vllm.jobs.fingerprint import job_settings
+
+    parser = build_parser()
+    job = ["--input", "in.jsonl", "--output", "out.jsonl"]
+    for argv, want in [(["generate", "--base", "b", *job, "--own-chat-templates"], True),
+                       (["sweep", "--base", "b", *job, "--no-own-chat-templates"], False),
+                       (["serve", "bundle", "--own-chat-templates"], True),
+                       (["pack", "--base", "b", "--out", "o"], None)]:
+        assert parser.parse_known_args(argv)[0].own_chat_templates is want, argv
+    # A job run under the option never resumes one run without it (and back).
+    on = job_settings(tiny["base"], [chat_arm], None, None, GREEDY, {}, True)
+    off = job_settings(tiny["base"], [chat_arm], None, None, GREEDY, {})
+    assert on["own_chat_templates"] is True and "own_chat_templates" not in off

@@ -330,3 +330,60 @@ def test_per_model_prompts_over_http(server, client, engine):
         assert response.status_code == 400, response.text
         assert "genarm_prompts" in response.json()["error"]["message"]
     assert len(complete(client, PROMPTS[0]).choices[0].token_ids) == MAX_TOKENS
+
+
+@pytest.mark.slow
+def test_own_chat_templates_over_http_on_a_plain_vllm_server(tiny, chat_arm, tmp_path):
+    """vLLM's own server on a bundle packed with own chat templates: in /v1/chat/completions
+    the ARM with a chat template of its own reads the messages rendered with it (the other
+    ARM renders what the base renders); a request's own genarm_prompts win; content parts
+    other than text are HTTP 400."""
+    from transformers import AutoTokenizer
+
+    from genarm_vllm.bundle import pack
+    from genarm_vllm.reference import ReferenceDecoder
+    from genarm_vllm.tokenization import prompt_ids
+
+    arms = [chat_arm, tiny["arm_small"]]
+    bundle = pack(tiny["base"], arms, tmp_path / "bundle", beta=0.7, weights=[1.0, 0.5],
+                  own_chat_templates=True)
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(bundle),
+               "--dtype", "float32", "--no-enable-chunked-prefill"]
+    proc, url, log = start_server(None, tmp_path, [], command)
+    try:
+        def chat(messages, **body):
+            return requests.post(url + "/v1/chat/completions", timeout=60, json={
+                "model": "genarm-tiny", "messages": messages, "max_tokens": MAX_TOKENS,
+                "temperature": 0, "ignore_eos": True, "return_token_ids": True, **body})
+
+        ref = ReferenceDecoder(tiny["base"], arms, beta=0.7, weights=[1.0, 0.5])
+        tokenizer = AutoTokenizer.from_pretrained(tiny["base"])
+
+        def want(messages, prompts):
+            return ref.generate([prompt_ids(tokenizer, messages=messages)], MAX_TOKENS,
+                                ignore_eos=True, guidance={"prompts": prompts})[0]
+
+        chats = [[{"role": "user", "content": "the cat sat on the mat"}],
+                 [{"role": "system", "content": "we love the sun"},
+                  {"role": "user", "content": "a dog"}]]
+        for messages in chats:
+            got = chat(messages).json()["choices"][0]["token_ids"]
+            assert got == want(messages, [messages, None])
+        assert got != want(chats[1], [None, None])  # the ARM's own rendering matters
+        # A request's own genarm_prompts win.
+        got = chat(chats[1], vllm_xargs={"genarm_prompts": ["<base>", "<base>"]})
+        assert got.json()["choices"][0]["token_ids"] == want(chats[1], [None, None])
+        # Text content parts read as vLLM reads them: joined by newlines.
+        parts = [{"role": "user", "content": [{"type": "text", "text": "the cat"},
+                                              {"type": "text", "text": "sat on"}]}]
+        flat = [{"role": "user", "content": "the cat\nsat on"}]
+        assert chat(parts).json()["choices"][0]["token_ids"] == want(flat, [flat, None])
+        image = [{"role": "user", "content": [
+            {"type": "text", "text": "the cat"},
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+        response = chat(image)
+        assert response.status_code == 400, response.text
+        assert "text only" in response.json()["error"]["message"]
+        assert len(chat(chats[0]).json()["choices"][0]["token_ids"]) == MAX_TOKENS
+    finally:
+        stop_tree(proc)

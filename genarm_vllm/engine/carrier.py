@@ -15,7 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 
-from genarm_vllm.prompts import CARRIER_KEY, build_carrier, encode_prompts, has_own_prompts
+from genarm_vllm.prompts import (
+    CARRIER_KEY,
+    build_carrier,
+    encode_prompts,
+    has_own_prompts,
+    same_as_base,
+)
 
 
 def carrier_salt(info: dict, user_salt: str | None = None) -> str:
@@ -77,6 +83,9 @@ def carrier_requests(llm, prompts: list, params: list, own: list):
         if not has_own_prompts(encoded):
             continue
         text, base_ids, salt = base_prompt_ids(prompts[i], tokenizer, f"prompts[{i}]")
+        encoded = same_as_base(encoded, base_ids)
+        if not has_own_prompts(encoded):
+            continue
         prompts[i], params[i] = carrier_prompt(base_ids, encoded, params[i], max_model_len,
                                                block_size, salt, f"prompts[{i}]")
         restore[i] = (text, base_ids)
@@ -127,9 +136,10 @@ def carrier_engine_request(model_config, request, block_size: int) -> None:
     entries = parse_xargs_prompts(extra.pop(PROMPTS_KEY), len(tokenizers))
     encoded = encode_prompts(entries, tokenizers, limits, PROMPTS_KEY)
     params.extra_args = extra
+    base_ids = list(request.prompt_token_ids)
+    encoded = same_as_base(encoded, base_ids)
     if not has_own_prompts(encoded):
         return
-    base_ids = list(request.prompt_token_ids)
     max_model_len = model_config.max_model_len
     prompt, params = carrier_prompt(base_ids, encoded, params, max_model_len, block_size,
                                     request.cache_salt, "the request")

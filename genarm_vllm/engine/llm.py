@@ -6,7 +6,11 @@ import os
 from collections.abc import Sequence
 
 from genarm_vllm.engine.defaults import engine_defaults, use_single_process_on_cpu
-from genarm_vllm.engine.validation import check_reward_models, prompt_id_limits
+from genarm_vllm.engine.validation import (
+    check_reward_models,
+    own_chat_template_models,
+    prompt_id_limits,
+)
 from genarm_vllm.guidance import (
     genarm_fields,
     request_guidance,
@@ -25,6 +29,9 @@ class GuidedLLM:
         reward_models: reward model (ARM) folders; they must share the base's tokenizer.
         beta: default beta (> 0): smaller means stronger guidance.
         weights: default weight per reward model (None: 1.0 each).
+        own_chat_templates: True: in chat requests (`chat`, batch-job rows with "messages")
+            each reward model renders the messages with its own tokenizer's chat template
+            instead of reading the base's rendering (None: the bundle's setting, else False).
         **vllm_engine_kwargs: anything `vllm.LLM` takes (max_model_len, tensor_parallel_size,
             enforce_eager, gpu_memory_utilization, ...). Defaults differ from vLLM's
             (see engine.defaults.engine_defaults): logprobs_mode="processed_logprobs", so returned
@@ -40,6 +47,7 @@ class GuidedLLM:
         reward_models: Sequence[str | os.PathLike] | None = None,
         beta: float | None = None,
         weights: Sequence[float] | None = None,
+        own_chat_templates: bool | None = None,
         **vllm_engine_kwargs,
     ):
         from vllm import LLM
@@ -47,10 +55,14 @@ class GuidedLLM:
         base = str(base)
         self.base = base
         self.engine_kwargs = dict(vllm_engine_kwargs)  # as given (batch-job fingerprints)
-        fields, guidance = genarm_fields(base, reward_models, beta, weights)
+        fields, guidance = genarm_fields(base, reward_models, beta, weights, own_chat_templates)
         self.reward_models, self.beta, self.weights = (
             guidance.reward_models, guidance.beta, guidance.weights
         )
+        self.own_chat_templates = guidance.own_chat_templates
+        # Per reward model: renders chat requests with its own chat template.
+        self.chat_template_models = own_chat_template_models(
+            self.reward_models, self.own_chat_templates)
         # Fail here, with a clear message, rather than inside the engine process.
         check_reward_models(
             base,
@@ -60,6 +72,7 @@ class GuidedLLM:
             tensor_parallel_size=vllm_engine_kwargs.get("tensor_parallel_size", 1),
             speculative_config=vllm_engine_kwargs.get("speculative_config"),
             pipeline_parallel_size=vllm_engine_kwargs.get("pipeline_parallel_size", 1),
+            own_chat_templates=self.own_chat_templates,
         )
         # Models that cannot embed every id vLLM takes in a prompt for this base (vLLM's
         # prompt check refuses such prompts; batch jobs check them before submitting).
@@ -131,6 +144,55 @@ class GuidedLLM:
             outputs[i].prompt = prompt
             outputs[i].prompt_token_ids = prompt_ids
         return outputs
+
+    def chat(
+        self,
+        messages,
+        sampling_params=None,
+        guidance: object = None,
+        use_tqdm: bool = True,
+    ):
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a
+        list of conversations, in order; arguments otherwise as `generate`.
+
+        The base reads each conversation rendered as vLLM's chat renderer renders it (its
+        tokenizer's chat template, generation prompt added, tokenized without adding
+        special tokens). Under own_chat_templates, each reward model not on the base's
+        weights renders it with its own chat template, unless the conversation's guidance
+        gives "prompts" itself.
+        """
+        from genarm_vllm.prompts import is_chat
+        from genarm_vllm.tokenization import chat_text
+
+        conversations = [messages] if is_chat(messages) else list(messages)
+        tokenizer = self.get_tokenizer()
+        prompts = []
+        for conversation in conversations:
+            text = chat_text(tokenizer, [dict(m) for m in conversation])
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            prompts.append({"prompt": text, "prompt_token_ids": ids})
+        if self.own_chat_templates:
+            guidance = self.chat_guidance(guidance, conversations)
+        return self.generate(prompts, sampling_params, guidance, use_tqdm)
+
+    def chat_guidance(self, guidance: object, conversations: list) -> object:
+        """`guidance` (as generate takes it) with, per conversation, "prompts" giving the
+        conversation to every reward model that renders it with its own chat template;
+        a conversation whose guidance gives "prompts" keeps them."""
+        from genarm_vllm.prompts import chat_prompts
+
+        if guidance is None or isinstance(guidance, dict):
+            guidance = [guidance] * len(conversations)
+        if not isinstance(guidance, Sequence) or len(guidance) != len(conversations):
+            return guidance  # generate() names the problem
+        result = []
+        for item, conversation in zip(guidance, conversations):
+            own = chat_prompts(conversation, self.chat_template_models)
+            if own is not None and (item is None or isinstance(item, dict)
+                                    and item.get("prompts") is None):
+                item = {**(item or {}), "prompts": own}
+            result.append(item)
+        return result
 
     def reward_tokenizers(self) -> list:
         """Each reward model's tokenizer (the base's for "self" and LoRA reward models)."""

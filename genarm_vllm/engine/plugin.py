@@ -60,13 +60,22 @@ class GenARMConfigHook:
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         from genarm_vllm.engine.logits_processor import is_genarm_processor, processor_for
-        from genarm_vllm.engine.validation import check_engine_features, prompt_id_limits
+        from genarm_vllm.engine.validation import (
+            check_chat_templates,
+            check_engine_features,
+            own_chat_template_models,
+            prompt_id_limits,
+        )
         from genarm_vllm.guidance import GuidanceConfig
 
         model_config = vllm_config.model_config
         parallel = vllm_config.parallel_config
         check_engine_features(vllm_config.speculative_config, parallel.pipeline_parallel_size)
-        reward_models = GuidanceConfig.from_hf_config(model_config.hf_config).reward_models
+        guidance = GuidanceConfig.from_hf_config(model_config.hf_config)
+        reward_models = guidance.reward_models
+        # Plain `vllm serve BUNDLE` starts here: refuse a reward model without a chat
+        # template before serving, as GuidedLLM and `genarm-vllm serve` do.
+        check_chat_templates(reward_models, guidance.own_chat_templates)
         # Ours first, once: a user's own GenARMLogitsProcessor entry is replaced, not doubled.
         others = [p for p in model_config.logits_processors or [] if not is_genarm_processor(p)]
         v2_runner = bool(getattr(vllm_config, "use_v2_model_runner", False))
@@ -77,6 +86,11 @@ class GenARMConfigHook:
         )
         _check_prompt_ids_at_admission()
         _carrier_requests_at_admission()
+        if guidance.own_chat_templates:
+            # Read by the chat hook below, in the server's process.
+            model_config.genarm_chat_template_models = own_chat_template_models(
+                reward_models, True)
+            _chat_prompts_at_admission()
 
 
 def _check_prompt_ids_at_admission() -> None:
@@ -141,6 +155,89 @@ def _carrier_requests_at_admission() -> None:
 
     process_inputs.makes_genarm_carriers = True
     InputProcessor.process_inputs = process_inputs
+
+
+def with_chat_prompts(extra: dict | None, messages, renders_own: list[bool]) -> dict | None:
+    """`extra` (a request's vllm_xargs / SamplingParams.extra_args) plus `genarm_prompts`
+    giving the chat `messages` ("json:" + messages) to every model that renders chats with
+    its own template, "<base>" to the others; None when `extra` gives genarm_prompts itself
+    or no model renders its own. ValueError for content a chat template cannot read."""
+    import json
+
+    from genarm_vllm.prompts import (
+        BASE_PROMPT_SENTINEL,
+        JSON_PREFIX,
+        PROMPTS_KEY,
+        chat_prompts,
+        text_messages,
+    )
+
+    if PROMPTS_KEY in (extra or {}):
+        return None
+    entries = chat_prompts(text_messages(messages), renders_own)
+    if entries is None:
+        return None
+    chat = JSON_PREFIX + json.dumps(entries[renders_own.index(True)])
+    return {**(extra or {}),
+            PROMPTS_KEY: [BASE_PROMPT_SENTINEL if e is None else chat for e in entries]}
+
+
+def _chat_prompts_at_admission() -> None:
+    """Make chat requests give their messages to every reward model that renders them with
+    its own chat template (genarm_own_chat_templates), as `genarm_prompts`
+    (with_chat_prompts), unless a request sets genarm_prompts itself; the carrier hook
+    above then renders and checks them. Models without the option pass straight through.
+    Wrapped once per process, in vLLM 0.32 and 0.33 alike:
+
+    - the server: every chat endpoint (/v1/chat/completions and its batch form, and the
+      Anthropic and Cohere ones, which convert to chat requests) renders the base's prompt
+      in OnlineRenderer.preprocess_chat (vllm/renderers/online_renderer.py); the request's
+      vllm_xargs become its SamplingParams.extra_args only afterwards (to_sampling_params,
+      vllm/entrypoints/openai/chat_completion/protocol.py);
+    - `vllm.LLM.chat` / `enqueue_chat`: both pass the conversations and their
+      SamplingParams to OfflineInferenceMixin._add_chat_requests
+      (vllm/entrypoints/common/offline.py) before rendering them.
+    """
+    from vllm import SamplingParams
+    from vllm.entrypoints.common.offline import OfflineInferenceMixin
+    from vllm.renderers.inputs.preprocess import conversation_to_seq
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    vllm_preprocess = OnlineRenderer.preprocess_chat
+    if not getattr(vllm_preprocess, "gives_genarm_chat_prompts", False):
+        @functools.wraps(vllm_preprocess)
+        async def preprocess_chat(self, request, messages, *args, **kwargs):
+            renders_own = getattr(self.model_config, "genarm_chat_template_models", None)
+            if renders_own and hasattr(request, "vllm_xargs"):
+                try:
+                    xargs = with_chat_prompts(request.vllm_xargs, messages, renders_own)
+                except ValueError as e:
+                    raise PromptIdError(str(e), parameter="messages") from None
+                if xargs is not None:
+                    request.vllm_xargs = xargs
+            return await vllm_preprocess(self, request, messages, *args, **kwargs)
+
+        preprocess_chat.gives_genarm_chat_prompts = True
+        OnlineRenderer.preprocess_chat = preprocess_chat
+
+    vllm_add_chat = OfflineInferenceMixin._add_chat_requests
+    if not getattr(vllm_add_chat, "gives_genarm_chat_prompts", False):
+        @functools.wraps(vllm_add_chat)
+        def add_chat_requests(self, messages, params, *args, **kwargs):
+            renders_own = getattr(self.model_config, "genarm_chat_template_models", None)
+            if renders_own:
+                conversations = conversation_to_seq(messages)
+                params = list(self._params_to_seq(params, len(conversations)))
+                for i, (conversation, p) in enumerate(zip(conversations, params)):
+                    if isinstance(p, SamplingParams):
+                        extra = with_chat_prompts(p.extra_args, conversation, renders_own)
+                        if extra is not None:
+                            params[i] = p.clone()
+                            params[i].extra_args = extra
+            return vllm_add_chat(self, messages, params, *args, **kwargs)
+
+        add_chat_requests.gives_genarm_chat_prompts = True
+        OfflineInferenceMixin._add_chat_requests = add_chat_requests
 
 
 def _cap_carrier_block_hashes() -> None:

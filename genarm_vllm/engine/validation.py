@@ -151,10 +151,12 @@ def check_reward_models(
     tensor_parallel_size: int = 1,
     speculative_config=None,
     pipeline_parallel_size: int = 1,
+    own_chat_templates: bool = False,
 ) -> None:
     """All load-time checks for a base, its reward models and the engine settings.
     tokenizer: the engine's tokenizer folder when it is not the base's own (vLLM's
-    `tokenizer=`): the reward models' tokenizers are compared with it."""
+    `tokenizer=`): the reward models' tokenizers are compared with it.
+    own_chat_templates: the genarm_own_chat_templates option (check_chat_templates)."""
     if not reward_models:
         raise ValueError("GenARM needs at least one reward model")
     check_engine_features(speculative_config, pipeline_parallel_size)
@@ -165,6 +167,7 @@ def check_reward_models(
         if max_model_len is not None:
             check_max_model_len(reward_model, max_model_len)
         check_tensor_parallel(reward_model, tensor_parallel_size)
+    check_chat_templates(reward_models, own_chat_templates)
     for reward_model, ids in unsampled_ids(tokenizer or base, reward_models).items():
         logger.warning(
             "GenARM: reward model %s embeds %d token ids, the base's tokenizer has %d: ids "
@@ -190,4 +193,26 @@ def check_engine_features(speculative_config=None, pipeline_parallel_size: int =
             f"GenARM does not support pipeline parallelism (pipeline_parallel_size="
             f"{pipeline_parallel_size}): every sub-model runs whole on each rank; use "
             "tensor_parallel_size instead"
+        )
+
+
+def own_chat_template_models(reward_models: list[str], own_chat_templates: bool) -> list[bool]:
+    """Per reward model: does it render chat requests with its own chat template? Under
+    genarm_own_chat_templates every one not on the base's weights ("self" and LoRA reward
+    models use the base's tokenizer, so they read the base's rendering)."""
+    return [bool(own_chat_templates) and not on_base_weights(m) for m in reward_models]
+
+
+def check_chat_templates(reward_models: list[str], own_chat_templates: bool) -> None:
+    """Under genarm_own_chat_templates, every reward model that renders chats itself needs
+    a chat template in its tokenizer; ValueError naming the ones without."""
+    renders = own_chat_template_models(reward_models, own_chat_templates)
+    missing = [m for m, own in zip(reward_models, renders)
+               if own and not AutoTokenizer.from_pretrained(m).chat_template]
+    if missing:
+        raise ValueError(
+            "genarm_own_chat_templates: each reward model renders chat requests with its own "
+            f"tokenizer's chat template, and the tokenizer of reward model {', '.join(missing)} "
+            "has none; add one (tokenizer_config.json 'chat_template' or chat_template.jinja) "
+            "or turn the option off"
         )

@@ -1,8 +1,9 @@
 """The JSONL batch job behind `genarm-vllm generate`.
 
 Input rows: {"prompt": str} or {"messages": [...]} (rendered with the base tokenizer's
-chat template), plus optional per-row "beta", "weights" and "prompts" (one entry per
-reward model: the prompt it reads, genarm_vllm/prompts.py); the output's own field names
+chat template), plus optional per-row "beta", "weights", "prompts" (one entry per
+reward model: the prompt it reads, genarm_vllm/prompts.py) and "temperature" (the row's
+sampling temperature instead of the job's; 0 = greedy); the output's own field names
 (OUTPUT_FIELDS) are refused as input fields. The input is one JSONL file,
 or shards: a folder of *.jsonl files or a glob, read in sorted file name order, streamed
 (memory does not grow with the input). Output rows, in input order, in one JSONL file
@@ -42,12 +43,14 @@ from __future__ import annotations
 import glob
 import io
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from genarm_vllm.guidance import row_guidance
+from genarm_vllm.prompts import chat_prompts, check_prompts
 from genarm_vllm.tokenization import prompt_ids
 
 OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason", "logprobs",
@@ -131,6 +134,12 @@ def check_row(row: object, num_reward_models: int) -> None:
         row_guidance(row, num_reward_models)
     except ValueError as e:
         raise RowError("bad guidance", str(e)) from None
+    if "temperature" in row:
+        temperature = row["temperature"]
+        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+                or not math.isfinite(temperature) or temperature < 0):
+            raise RowError("bad row", f"temperature must be a finite number >= 0, got "
+                                      f"{temperature!r}")
 
 
 @dataclass
@@ -220,6 +229,17 @@ class PromptBuilder:
         except ValueError as e:
             raise RowError("id a model cannot embed", str(e)) from None
         guidance = row_guidance(row, self.num_reward_models)
+        if "temperature" in row:  # EngineFeeder.add applies it
+            guidance = {**(guidance or {}), "temperature": float(row["temperature"])}
+        if row.get("messages") is not None and (guidance or {}).get("prompts") is None:
+            # Under own_chat_templates the row's models render its messages themselves.
+            own = chat_prompts(row["messages"], self.llm.chat_template_models)
+            if own is not None:
+                try:
+                    own = check_prompts(own, self.num_reward_models, "prompts from the messages")
+                except ValueError as e:
+                    raise RowError("bad prompts", str(e)) from None
+                guidance = {**(guidance or {}), "prompts": own}
         if guidance is not None and guidance.get("prompts") is not None:
             return self.carrier(ids, guidance)
         return {"prompt_token_ids": ids}, guidance
@@ -230,7 +250,7 @@ class PromptBuilder:
         from vllm import SamplingParams
 
         from genarm_vllm.engine.carrier import carrier_prompt
-        from genarm_vllm.prompts import CARRIER_KEY, encode_prompts, has_own_prompts
+        from genarm_vllm.prompts import CARRIER_KEY, encode_prompts, has_own_prompts, same_as_base
 
         guidance = dict(guidance)
         entries = guidance.pop("prompts")
@@ -239,6 +259,7 @@ class PromptBuilder:
                                      self.llm.reward_embedding_rows())
         except ValueError as e:
             raise RowError("bad prompts", str(e)) from None
+        encoded = same_as_base(encoded, ids)
         if not has_own_prompts(encoded):
             return {"prompt_token_ids": ids}, guidance or None
         try:
@@ -395,7 +416,7 @@ def engine_settings(llm, sampling_params) -> dict:
     from genarm_vllm.jobs.fingerprint import job_settings
 
     return job_settings(llm.base, llm.reward_models, llm.beta, llm.weights, sampling_params,
-                        llm.engine_kwargs)
+                        llm.engine_kwargs, getattr(llm, "own_chat_templates", None))
 
 
 # ----------------------------------------------------------------------------- the job

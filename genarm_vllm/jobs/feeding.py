@@ -63,11 +63,18 @@ class EngineFeeder:
     def add(self, key, prompt, guidance: dict | None) -> None:
         """Submit one prompt; refusal_types() when vLLM refuses it (the engine goes on)."""
         params = self.sampling_params
-        carrier = None
+        carrier = temperature = None
         if guidance is not None:
             guidance = dict(guidance)
             # A carrier prompt's genarm_carrier (per-model prompts: batch.PromptBuilder).
             carrier = guidance.pop("carrier", None)
+            # A row's own sampling temperature (the row's "temperature": batch.PromptBuilder).
+            temperature = guidance.pop("temperature", None)
+        if temperature is not None:
+            import msgspec
+
+            # replace() runs SamplingParams' own checks: temperature 0 turns greedy there.
+            params = msgspec.structs.replace(params.clone(), temperature=temperature)
         if guidance:
             (resolved,) = resolve_guidance([guidance], 1, self.llm.beta, self.llm.weights)
             params = with_guidance(params, *resolved)

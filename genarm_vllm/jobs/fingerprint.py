@@ -151,17 +151,19 @@ def _weights_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def job_settings(base, reward_models, beta, weights, sampling_params, engine_kwargs: dict) -> dict:
+def job_settings(base, reward_models, beta, weights, sampling_params, engine_kwargs: dict,
+                 own_chat_templates: bool | None = None) -> dict:
     """Everything that decides a row's output: the fingerprint of a job.
 
-    beta / weights None take the defaults (1.0, 1.0 each, or a bundle's); engine_kwargs are
-    vLLM LLM kwargs as given (GenARM's engine defaults fill in dtype and max_model_len).
+    beta / weights / own_chat_templates None take the defaults (1.0, 1.0 each, False, or a
+    bundle's); engine_kwargs are vLLM LLM kwargs as given (GenARM's engine defaults fill in
+    dtype and max_model_len).
     """
     from genarm_vllm.engine.defaults import engine_defaults
     from genarm_vllm.engine.validation import max_positions
     from genarm_vllm.guidance import genarm_fields
 
-    _, guidance = genarm_fields(str(base), reward_models, beta, weights)
+    _, guidance = genarm_fields(str(base), reward_models, beta, weights, own_chat_templates)
     engine = {**engine_kwargs, **engine_defaults(str(base), guidance.reward_models, engine_kwargs)}
     if engine.get("max_model_len") is None:
         engine["max_model_len"] = max_positions(str(base))
@@ -173,6 +175,8 @@ def job_settings(base, reward_models, beta, weights, sampling_params, engine_kwa
         "reward_models": [model_identity(m) for m in guidance.reward_models],
         "beta": guidance.beta,
         "weights": guidance.weights,
+        # Only when on: fingerprints of jobs from before the option stay equal.
+        **({"own_chat_templates": True} if guidance.own_chat_templates else {}),
         **{f"sampling.{name}": _plain(getattr(sampling_params, name, None))
            for name in SAMPLING_FIELDS},
         **{f"engine.{name}": _plain(engine.get(name) or None if name == "hf_overrides"

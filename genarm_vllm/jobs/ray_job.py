@@ -300,23 +300,27 @@ def replica_engine_kwargs(base, reward_models, vllm_kwargs: dict) -> dict:
     return {**vllm_kwargs, **{k: v for k, v in defaults.items() if k not in NODE_LOCAL_SETTINGS}}
 
 
-def check_models(base, reward_models, vllm_kwargs: dict) -> list[str]:
+def check_models(base, reward_models, vllm_kwargs: dict,
+                 own_chat_templates: bool | None = None) -> list[str]:
     """The load-time checks GuidedLLM runs, here in the driver, before Ray starts.
 
     Returns the reward model folders (the given ones, or a bundle's).
     """
     from genarm_vllm.engine.validation import check_reward_models, check_tensor_parallel
-    from genarm_vllm.guidance import read_bundle
+    from genarm_vllm.guidance import OWN_CHAT_TEMPLATES_FIELD, read_bundle
 
     reward_models = [str(p) for p in reward_models or []]
     bundle = read_bundle(base)
     if not reward_models and bundle is not None:
         reward_models = list(bundle["genarm_reward_models"])
+    if own_chat_templates is None:
+        own_chat_templates = bool((bundle or {}).get(OWN_CHAT_TEMPLATES_FIELD))
     tp = vllm_kwargs.get("tensor_parallel_size", 1)
     check_reward_models(str(base), reward_models,
                         max_model_len=vllm_kwargs.get("max_model_len"), tensor_parallel_size=tp,
                         speculative_config=vllm_kwargs.get("speculative_config"),
-                        pipeline_parallel_size=vllm_kwargs.get("pipeline_parallel_size", 1))
+                        pipeline_parallel_size=vllm_kwargs.get("pipeline_parallel_size", 1),
+                        own_chat_templates=own_chat_templates)
     # The base is sharded by the same rule as its reward models.
     check_tensor_parallel(str(base), tp, role="base model")
     return reward_models
@@ -358,6 +362,7 @@ def run_ray_job(
     beta: float | None = None,
     weights=None,
     vllm_kwargs: dict | None = None,
+    own_chat_templates: bool | None = None,
     settings: dict | None = None,
     on_error: str = "continue",
     overwrite: bool = False,
@@ -377,6 +382,7 @@ def run_ray_job(
     local one) unless Ray is already initialized; shuts down only a Ray it started.
     gpus_per_replica None: tensor_parallel_size if the cluster has GPUs, else 0.
     env_vars: extra environment for the replicas (added to the FORWARDED_ENV ones).
+    own_chat_templates: GuidedLLM's option (None: the bundle's setting, else off).
     settings: the job's fingerprint (None: fingerprint.job_settings of these arguments).
     prepared: batch.prepare_job's result when the caller has it (the CLI): the input is then
         not read again before Ray starts.
@@ -393,11 +399,14 @@ def run_ray_job(
         raise ValueError(f"replicas must be >= 1, got {replicas}")
     check_on_error(on_error)
     vllm_kwargs = dict(vllm_kwargs or {})
-    reward_models = check_models(base, reward_models, vllm_kwargs)
+    reward_models = check_models(base, reward_models, vllm_kwargs, own_chat_templates)
     output, files = Path(output_path), input_files(input_path)
     if settings is None:
-        settings = job_settings(base, reward_models, beta, weights, sampling_params, vllm_kwargs)
+        settings = job_settings(base, reward_models, beta, weights, sampling_params, vllm_kwargs,
+                                own_chat_templates)
     engine_kwargs = replica_engine_kwargs(base, reward_models, vllm_kwargs)
+    if own_chat_templates is not None:  # GuidedLLM's own keyword, among the engine's
+        engine_kwargs["own_chat_templates"] = own_chat_templates
     if prepared is None:
         prepared = prepare_job(output, settings, files, len(reward_models), overwrite=overwrite)
     start, done, counts = prepared.start, prepared.done, prepared.line_counts
