@@ -77,13 +77,6 @@ class StepTimer:
         return figures
 
 
-def cpu_flags() -> list[str]:
-    """As `grep -o -w -E "avx512f|amx_bf16|avx2" /proc/cpuinfo | sort -u`."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return sorted(flags & {"avx512f", "amx_bf16", "avx2"})
 
 
 def make_rows(count: int, seed: int = 0) -> list[dict]:
@@ -128,7 +121,7 @@ def baseline(llm, rows, params, out: Path, chunk_size: int = 512) -> dict:
             prompts = [{"prompt_token_ids": prompt_ids(tokenizer, r["prompt"])} for r in chunk]
             guidance = [{"beta": r["beta"]} if "beta" in r else None for r in chunk]
             results = llm.generate(prompts, params, guidance=guidance, use_tqdm=False)
-            f.writelines(output_line(r, o.outputs[0]) for r, o in zip(chunk, results))
+            f.writelines(output_line(r, o)[0] for r, o in zip(chunk, results))
             f.flush()
             lengths += tokens_of(results)
     return {"seconds": time.perf_counter() - start, "lengths": lengths}
@@ -239,7 +232,7 @@ def main() -> None:
                      "a_process_and_fresh_engine_per_run": True,
                      "engine_core_in_own_process": vllm_envs.VLLM_ENABLE_V1_MULTIPROCESSING,
                      "threads": runtime.LOCAL_ENV["OMP_NUM_THREADS"]},
-        "machine": {"cpu_flags": cpu_flags(), "processor": platform.processor(),
+        "machine": {"cpu_flags": runtime.cpu_flags(), "processor": platform.processor(),
                     "max_num_seqs": runs[0]["ceiling"]["max_num_seqs"]},
         "lengths": {"min": min(lengths), "median": statistics.median(lengths),
                     "max": max(lengths), "mean": statistics.mean(lengths),

@@ -43,7 +43,6 @@ runtime.use_local_env(VLLM_CPU_KVCACHE_SPACE="2")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from throughput import (  # noqa: E402  (after the environment is set)
-    _cpu_extensions,
     _default_base,
     _model_of,
     random_prompts,
@@ -244,7 +243,7 @@ def main() -> None:
     arm = truncated_copy(args.base, 30, Path(args.work) / "smollm2_arm_30_layers")
     only = set(args.only or ["plain", "own", "cfg"])
     results = {"machine": {"cpu": platform.processor() or platform.machine(),
-                           "extensions": _cpu_extensions()},
+                           "extensions": runtime.cpu_flags()},
                "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "arm")}}
     results["settings"]["base"] = str(args.base)
     start = time.time()

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from genarm_vllm import runtime
+
 ROWS = [
     '{"id": 1, "prompt": "the cat sat on"}',
     '{"id": 2, "prompt": "a dog", "beta": 0.3}',
@@ -36,12 +38,6 @@ ROWS = [
 ]
 
 
-def cpu_flags() -> list[str]:
-    try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
 
 
 def run_once(models: Path, work: Path, before: bool) -> dict:
@@ -100,7 +96,7 @@ def main() -> None:
                       f"end {result['end_s']:6.2f} s", flush=True)
     summary = {system: {key: statistics.median(r[key] for r in rs) for key in ("first_row_s", "end_s")}
                for system, rs in runs.items()}
-    report = {"cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(),
+    report = {"cpu": platform.processor() or platform.machine(), "cpu_flags": runtime.cpu_flags(),
               "cores": os.cpu_count(), "rounds": runs, "median": summary}
     print(json.dumps(report["median"], indent=1), "CPU flags:", " ".join(report["cpu_flags"]))
     if args.json:

@@ -45,12 +45,6 @@ WEIGHTS = "1,0;0.5,0.5;0,1"
 ARMS = ("arm_small", "arm_qwen2")
 
 
-def cpu_flags() -> list[str]:
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return []
-    return sorted(flags & {"avx512f", "amx_bf16", "avx2"})
 
 
 def make_prompts(count: int, words: tuple[int, int], seed: int = 0) -> list[dict]:
@@ -137,7 +131,7 @@ def main() -> None:
     tokens = len(rows) * len(settings) * args.max_tokens
     speedup = results["separate"]["wall_s"] / results["sweep"]["wall_s"]
     report = {
-        "machine": {"cpu_flags": cpu_flags(), "processor": platform.processor(),
+        "machine": {"cpu_flags": runtime.cpu_flags(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
                     "in_process_engine": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"},
         "settings": {"prompts": len(rows), "grid": [s.fields() for s in settings],

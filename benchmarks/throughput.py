@@ -110,8 +110,8 @@ def run(args) -> list[dict]:
     from vllm import LLM
 
     from genarm_vllm import GuidedLLM
-    from genarm_vllm.reference import ReferenceDecoder
     from genarm_vllm.engine.validation import tokenizer_length
+    from genarm_vllm.reference import ReferenceDecoder
 
     base = Path(args.base) if args.base else _default_base()
     arms = {"same": base}
@@ -240,7 +240,6 @@ def run_lora(args) -> list[dict]:
     from genarm_vllm.demo.arms import ADAPTER, ARM_ROOT, build
     from genarm_vllm.demo.common import ASSETS
     from genarm_vllm.engine.validation import tokenizer_length
-
     from genarm_vllm.testing import record_loaded_parameter_bytes
 
     record_loaded_parameter_bytes()
@@ -371,13 +370,6 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _cpu_extensions() -> list[str]:
-    """The vector / matrix extensions that decide CPU GEMM speed (AVX-512, AMX)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    except (OSError, IndexError):
-        return []
-    return sorted(f for f in set(flags) if f.startswith(("avx512f", "avx512_bf16", "amx")) or f == "avx2")
 
 
 def _default_base() -> Path:
@@ -439,7 +431,7 @@ def main() -> None:
     report = {
         "settings": {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-            "cpu_extensions": _cpu_extensions(),
+            "cpu_extensions": runtime.cpu_flags(),
             "OMP_NUM_THREADS": os.environ["OMP_NUM_THREADS"],
             "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"],
             "engine": vllm_engine_kwargs(),

@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from genarm_vllm import runtime
+
 ROOT = Path(__file__).resolve().parents[1]
 OLD_REV = "9a0a630"  # the last genarm_vllm/train.py with the hand-written loop
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -35,12 +37,11 @@ MODES = {
 }
 
 
-def cpu_flags() -> dict:
+def machine() -> dict:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = set(re.findall(r"\b(avx512f|avx512_bf16|amx_bf16|amx_tile|amx_int8|avx2)\b", text))
     model = re.search(r"model name\s*:\s*(.*)", text)
     return {"cpu": model.group(1).strip() if model else "unknown", "cores": os.cpu_count(),
-            "flags": sorted(flags)}
+            "flags": runtime.cpu_flags()}
 
 
 def load_old_trainer(rev: str, tmp: Path):
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)  # as the demo trains: every core
     from genarm_vllm import training as new_train
 
-    results, machine = [], cpu_flags()
+    results, machine_info = [], machine()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         old_train = load_old_trainer(args.old_rev, tmp)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                     results.append(row)
                     print(json.dumps(row), flush=True)
 
-    print(f"\n{machine['cpu']}, {machine['cores']} cores, flags: {' '.join(machine['flags'])}")
+    print(f"\n{machine_info['cpu']}, {machine_info['cores']} cores, flags: {' '.join(machine_info['flags'])}")
     print(f"torch {torch.__version__}, {args.pairs} pairs, batch 8, max length 128, 1 epoch\n")
     print("| mode | old pairs/s | new pairs/s | new / old |")
     print("|---|---|---|---|")
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {mode} | {best['old']:.3f} | {best['new']:.3f} | {best['new'] / best['old']:.2f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine, "torch": torch.__version__,
+        args.json.write_text(json.dumps({"machine": machine_info, "torch": torch.__version__,
                                          "settings": {**common, "pairs": args.pairs,
                                                       "old_rev": args.old_rev},
                                          "runs": results, "summary": summary}, indent=2) + "\n")

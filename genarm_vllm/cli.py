@@ -35,7 +35,9 @@ def cmd_env(args: argparse.Namespace) -> int:
     else:
         import os
 
-        print(f"device        cpu ({os.cpu_count()} cores)")
+        from genarm_vllm.runtime import cpu_flags
+
+        print(f"device        cpu ({os.cpu_count()} cores; {' '.join(cpu_flags()) or 'no AVX2'})")
     return 0
 
 
@@ -49,6 +51,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="default beta > 0; smaller = stronger guidance (default 1.0)")
     parser.add_argument("--weights", type=parse_weights, default=None,
                         help="default weight per reward model, comma separated (default 1 each)")
+    add_own_chat_templates_flag(parser)
+
+
+def add_own_chat_templates_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--own-chat-templates", action=argparse.BooleanOptionalAction, default=None,
+        help="chat requests (\"messages\"): each reward model renders the messages with its "
+        "own tokenizer's chat template instead of reading the base's rendering (\"self\" and "
+        "LoRA reward models read the base's); default: the bundle's setting, else off")
 
 
 def parse_weights(text: str) -> list[float]:
@@ -82,7 +93,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from genarm_vllm.bundle import pack
 
     out = pack(args.base, args.reward_model or [], args.out, beta=1.0 if args.beta is None else args.beta,
-               weights=args.weights)
+               weights=args.weights, own_chat_templates=bool(args.own_chat_templates))
     print(f"wrote GenARM bundle {out}: load it with vllm.LLM({str(out)!r}) or `genarm-vllm serve {out}`")
     return 0
 
@@ -138,7 +149,7 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
         top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos,
     )
     settings = job_settings(args.base, args.reward_model, args.beta, args.weights,
-                            sampling_params, vllm_kwargs)
+                            sampling_params, vllm_kwargs, args.own_chat_templates)
     # Bad rows (with --on-error fail), flags and changed settings fail before the (slow)
     # engine start. One pass over the input finds all the job needs (the job reads it once
     # more, generating).
@@ -155,15 +166,15 @@ def cmd_generate(args: argparse.Namespace, vllm_args: list[str]) -> int:
 
         summary = run_ray_job(
             args.base, args.reward_model, args.input, args.output, sampling_params,
-            beta=args.beta, weights=args.weights, vllm_kwargs=vllm_kwargs, **job_options,
-            **ray_options,
+            beta=args.beta, weights=args.weights, vllm_kwargs=vllm_kwargs,
+            own_chat_templates=args.own_chat_templates, **job_options, **ray_options,
         )
     else:
         from genarm_vllm.engine.llm import GuidedLLM
         from genarm_vllm.jobs.batch import run_job
 
         llm = GuidedLLM(args.base, args.reward_model, beta=args.beta, weights=args.weights,
-                        **vllm_kwargs)
+                        own_chat_templates=args.own_chat_templates, **vllm_kwargs)
         summary = run_job(llm, args.input, args.output, sampling_params, **job_options)
     print(summary.report())
     print(f"wrote {summary.rows_written} rows to {args.output} ({total} in all)")
@@ -180,7 +191,7 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> int:
         model = vllm_args.pop(0)
     if model is None:
         raise ValueError("give a bundle folder as the first argument, or --base and --reward-model")
-    serve(model, args.reward_model, args.beta, args.weights, vllm_args)
+    serve(model, args.reward_model, args.beta, args.weights, vllm_args, args.own_chat_templates)
     return 0  # not reached: serve() execs the vLLM server
 
 
@@ -321,7 +332,8 @@ def add_train_arm_parser(sub) -> None:
 
 
 def add_job_flags(p: argparse.ArgumentParser) -> None:
-    """The batch-job flags `sweep` shares with `generate` (same meaning, same defaults)."""
+    """The batch-job flags `sweep` shares with `generate` (same meaning, same defaults),
+    its Ray group included."""
     p.add_argument("--input", required=True,
                    help="input JSONL: a file, a folder of *.jsonl shards, or a quoted glob")
     p.add_argument("--output", required=True, help="output JSONL (appended to when resuming)")
@@ -333,12 +345,35 @@ def add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
     p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
     p.add_argument("--on-error", choices=ON_ERROR, default=ON_ERROR[0],
-                   help="a row that cannot be generated: continue = write it as an error row "
-                   "(default); fail = stop at the first one")
+                   help="a row that cannot be generated (bad JSON or guidance, a prompt too "
+                   "long, an id a model cannot embed, a row vLLM refuses): continue = write it "
+                   "as an error row (input fields + \"error\") and go on (default); fail = "
+                   "stop at the first one")
     p.add_argument("--overwrite", action="store_true",
-                   help="start afresh (default: resume, refused if the settings differ)")
+                   help="start afresh: delete the output and its settings file (default: resume "
+                   "an interrupted job, refused if its settings differ)")
     p.add_argument("--reorder-buffer", type=int, default=REORDER_BUFFER, metavar="ROWS",
-                   help=f"finished rows that may wait for an earlier one ({REORDER_BUFFER})")
+                   help="finished rows that may wait for an earlier, longer one before the "
+                   f"engine stops taking new rows (memory bound of the ordered output; "
+                   f"{REORDER_BUFFER})")
+    ray = p.add_argument_group(
+        "Ray", "run the job on a Ray cluster: an actor pool of engines (pip install "
+        "'genarm-vllm[ray]'); tensor-parallel engines across GPUs/nodes: add the vLLM flags "
+        "--tensor-parallel-size N --distributed-executor-backend ray")
+    ray.add_argument("--ray", action="store_true", help="run through Ray Data")
+    ray.add_argument("--replicas", type=int, default=None,
+                     help="engines (Ray actors) running at once (1)")
+    ray.add_argument("--address", default=None,
+                     help="Ray cluster to join, e.g. auto or HEAD_IP:6379 (default: $RAY_ADDRESS, "
+                     "else a new local Ray)")
+    ray.add_argument("--gpus-per-replica", type=int, default=None,
+                     help="GPUs per engine (default: --tensor-parallel-size on a cluster with "
+                     "GPUs, else 0)")
+    ray.add_argument("--cpus-per-replica", type=float, default=None,
+                     help="CPUs Ray reserves per engine (1)")
+    ray.add_argument("--chunk-size", type=int, default=None,
+                     help="rows per Ray batch (512); small jobs are split so every replica "
+                     "gets work")
 
 
 def cmd_sweep(args: argparse.Namespace, vllm_args: list[str]) -> int:
@@ -372,7 +407,7 @@ def cmd_sweep(args: argparse.Namespace, vllm_args: list[str]) -> int:
     )
     fingerprint = sweep.sweep_settings(
         job_settings(args.base, args.reward_model, args.default_beta, args.default_weights,
-                     sampling_params, vllm_kwargs), settings)
+                     sampling_params, vllm_kwargs, args.own_chat_templates), settings)
     _, done = prepare_output(Path(args.output), fingerprint, files, num_reward_models,
                              overwrite=args.overwrite)
     total = count_rows(files)
@@ -388,14 +423,16 @@ def cmd_sweep(args: argparse.Namespace, vllm_args: list[str]) -> int:
         summary = run_ray_job(
             args.base, args.reward_model, expanded, args.output, sampling_params,
             beta=args.default_beta, weights=args.default_weights, vllm_kwargs=vllm_kwargs,
-            settings=fingerprint, **job_options, **ray_options)
+            own_chat_templates=args.own_chat_templates, settings=fingerprint, **job_options,
+            **ray_options)
         report = summary.report()
         expanded.unlink(missing_ok=True)
     else:
         from genarm_vllm.engine.llm import GuidedLLM
 
         llm = GuidedLLM(args.base, args.reward_model, beta=args.default_beta,
-                        weights=args.default_weights, **vllm_kwargs)
+                        weights=args.default_weights, own_chat_templates=args.own_chat_templates,
+                        **vllm_kwargs)
         result = sweep.run_sweep(llm, args.input, args.output, sampling_params, settings,
                                  job_settings=fingerprint, expanded_path=expanded, **job_options)
         summary, report = result.job, result.report()
@@ -412,7 +449,8 @@ def add_sweep_parser(sub) -> None:
         "grid of guidance settings (--betas x --weights, and/or --settings FILE), as one "
         "batch job on one engine: rows prompt-major (all settings of a prompt together, "
         "so the prompt is prefilled once and shared through vLLM's prefix cache). Output "
-        "rows: the input fields plus \"setting\", \"beta\", \"weights\", \"prompt_index\" and "
+        "rows: the input fields plus \"setting\", \"beta\", \"weights\", \"temperature\", "
+        "\"prompt_index\" and "
         "what `generate` writes; errors, order, resume, fingerprint and --ray as in "
         "`generate`. Any further flags are vLLM engine flags.")
     p.add_argument("--base", required=True, help="base model folder, or a bundle folder")
@@ -422,23 +460,18 @@ def add_sweep_parser(sub) -> None:
     p.add_argument("--weights", default=None,
                    help='weight lists of the grid, ";" between settings, e.g. "1,0;0.5,0.5;0,1"')
     p.add_argument("--settings", default=None, metavar="FILE",
-                   help='a JSON list (or JSONL) of {"name", "beta", "weights"} settings, run '
-                   "before the --betas x --weights grid")
+                   help='a JSON list (or JSONL) of {"name", "beta", "weights", "temperature"} '
+                   "settings (each field optional; temperature: the setting's own sampling "
+                   "temperature instead of --temperature), run before the --betas x --weights grid")
     p.add_argument("--default-beta", type=float, default=None,
                    help="the engine's beta, for settings without one (1.0)")
     p.add_argument("--default-weights", type=parse_weights, default=None,
                    help="the engine's weights, for settings without them (1 each)")
+    add_own_chat_templates_flag(p)
     p.add_argument("--expanded", default=None, metavar="PATH",
                    help="where the expanded rows go (default OUTPUT.sweep-input.jsonl; with "
                    "--ray on several nodes: a path every node reads)")
     add_job_flags(p)
-    ray = p.add_argument_group("Ray", "as for `generate --ray`")
-    ray.add_argument("--ray", action="store_true", help="run through Ray Data")
-    ray.add_argument("--replicas", type=int, default=None, help="engines (Ray actors) (1)")
-    ray.add_argument("--address", default=None, help="Ray cluster to join")
-    ray.add_argument("--gpus-per-replica", type=int, default=None, help="GPUs per engine")
-    ray.add_argument("--cpus-per-replica", type=float, default=None, help="CPUs per engine (1)")
-    ray.add_argument("--chunk-size", type=int, default=None, help="rows per Ray batch (512)")
     p.set_defaults(func=cmd_sweep, takes_vllm_args=True)
 
 
@@ -571,7 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "generate", help="guided batch generation over a JSONL file", allow_abbrev=False,
         description="Guided batch generation. Input rows: {\"prompt\": ...} or "
-        "{\"messages\": [...]}, optional \"beta\" and \"weights\". Output rows: the input "
+        "{\"messages\": [...]}, optional \"beta\", \"weights\", \"prompts\" (one per reward "
+        "model: the prompt it reads) and \"temperature\". Output rows: the input "
         "fields plus generated_text, generated_token_ids, finish_reason, in input order; a row "
         "that cannot be generated gets an \"error\" field instead. Re-running continues an "
         "interrupted job (refused if the settings changed; --overwrite starts afresh). Any "
@@ -579,46 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tensor-parallel-size 2 --enforce-eager).",
     )
     add_model_args(p)
-    p.add_argument("--input", required=True,
-                   help="input JSONL: a file, a folder of *.jsonl shards, or a quoted glob")
-    p.add_argument("--output", required=True, help="output JSONL (appended to when resuming)")
-    p.add_argument("--max-tokens", type=int, default=128, help="tokens per completion (128)")
-    p.add_argument("--temperature", type=float, default=1.0,
-                   help="on the mixed scores; 0 = greedy (1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1.0 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (0 = off)")
-    p.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
-    p.add_argument("--ignore-eos", action="store_true", help="always generate --max-tokens")
-    p.add_argument("--on-error", choices=ON_ERROR, default=ON_ERROR[0],
-                   help="a row that cannot be generated (bad JSON or guidance, a prompt too "
-                   "long, an id a model cannot embed, a row vLLM refuses): continue = write it "
-                   "as an error row (input fields + \"error\") and go on (default); fail = "
-                   "stop at the first one")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start afresh: delete the output and its settings file (default: resume "
-                   "an interrupted job, refused if its settings differ)")
-    p.add_argument("--reorder-buffer", type=int, default=REORDER_BUFFER, metavar="ROWS",
-                   help="finished rows that may wait for an earlier, longer one before the "
-                   f"engine stops taking new rows (memory bound of the ordered output; "
-                   f"{REORDER_BUFFER})")
-    ray = p.add_argument_group(
-        "Ray", "run the job on a Ray cluster: an actor pool of engines (pip install "
-        "'genarm-vllm[ray]'); tensor-parallel engines across GPUs/nodes: add the vLLM flags "
-        "--tensor-parallel-size N --distributed-executor-backend ray")
-    ray.add_argument("--ray", action="store_true", help="run through Ray Data")
-    ray.add_argument("--replicas", type=int, default=None,
-                     help="engines (Ray actors) running at once (1)")
-    ray.add_argument("--address", default=None,
-                     help="Ray cluster to join, e.g. auto or HEAD_IP:6379 (default: $RAY_ADDRESS, "
-                     "else a new local Ray)")
-    ray.add_argument("--gpus-per-replica", type=int, default=None,
-                     help="GPUs per engine (default: --tensor-parallel-size on a cluster with "
-                     "GPUs, else 0)")
-    ray.add_argument("--cpus-per-replica", type=float, default=None,
-                     help="CPUs Ray reserves per engine (1)")
-    ray.add_argument("--chunk-size", type=int, default=None,
-                     help="rows per Ray batch (512); small jobs are split so every replica "
-                     "gets work")
+    add_job_flags(p)
     p.set_defaults(func=cmd_generate, takes_vllm_args=True)
 
     p = sub.add_parser(
@@ -638,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=None, help="default beta > 0 (bundle's or 1.0)")
     p.add_argument("--weights", type=parse_weights, default=None,
                    help="default weight per reward model, comma separated (bundle's or 1 each)")
+    add_own_chat_templates_flag(p)
     p.set_defaults(func=cmd_serve, takes_vllm_args=True)
 
     add_train_arm_parser(sub)

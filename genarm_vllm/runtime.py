@@ -3,6 +3,7 @@
 - `LOCAL_ENV` / `use_local_env()`: the environment of tests, benchmarks and the demo on
   CPU machines (set before vLLM or torch is imported).
 - `has_gpu()`: whether this process sees a CUDA device.
+- `cpu_flags()`: the CPU extensions that decide CPU GEMM speed, recorded with every benchmark.
 
 The vLLM engine settings GenARM engines default to are in genarm_vllm/engine/defaults.py.
 """
@@ -34,3 +35,17 @@ def has_gpu() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+# AVX-512 and AMX decide CPU matmul speed (bfloat16 is ~2.8x faster with AMX, slower on AVX2).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "amx_int8")
+
+
+def cpu_flags() -> list[str]:
+    """Which of CPU_FLAGS this machine has (Linux /proc/cpuinfo; [] elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+    return [f for f in CPU_FLAGS if f in flags]

@@ -81,6 +81,24 @@ def test_grids_and_settings_files(tmp_path):
         sweep.check_settings([sweep.Setting("a", 1.0), sweep.Setting("a", 2.0)], 1)
 
 
+def test_a_setting_may_sample_at_its_own_temperature(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps([{"weights": [0], "temperature": 0.5}, {"name": "t", "temperature": 0}]))
+    settings = sweep.read_settings_file(path)
+    assert settings == [sweep.Setting("w=0 T=0.5", None, (0.0,), 0.5), sweep.Setting("t", None, None, 0.0)]
+    assert settings[0].fields() == {"setting": "w=0 T=0.5", "weights": [0.0], "temperature": 0.5}
+    with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+        sweep.check_settings([sweep.Setting("hot", temperature=-1.0)], 1)
+    # The expanded rows carry it; the batch job checks a row's own temperature.
+    with pytest.raises(ValueError, match="the row holds 'temperature'"):
+        list(sweep.expand_lines(lines('{"prompt": "x", "temperature": 2}'), settings))
+    from genarm_vllm.jobs.batch import parse_line
+
+    for bad in ("-0.5", '"hot"', "true", "NaN"):
+        parsed = parse_line(InputLine(0, "in.jsonl", 1, f'{{"prompt": "x", "temperature": {bad}}}'), 1)
+        assert "temperature must be a finite number >= 0" in str(parsed.error), bad
+
+
 # ----------------------------------------------------------------------------- sweep on the engine
 
 
@@ -130,6 +148,32 @@ def test_a_sweep_equals_one_generate_job_per_setting(two_arms, tmp_path):
     # The same grid resumes and completes it.
     again = sweep.run_sweep(two_arms, infile, out, GREEDY, SETTINGS, progress=False)
     assert again.job.rows_before == 5 and read_jsonl(out) == got
+
+
+def test_setting_temperatures_equal_jobs_run_at_those_temperatures(two_arms, tmp_path):
+    # The job samples at T=1 (seeded); one setting is greedy, one samples at T=0.5: each
+    # must give what a `generate` job at that temperature gives its rows.
+    rows = prompts(6, seed=5)
+    job = SamplingParams(temperature=1.0, seed=7, max_tokens=6, ignore_eos=True)
+    settings = [sweep.Setting("greedy", 1.0, (1.0, 0.0), temperature=0.0),
+                sweep.Setting("cool", 0.5, (0.5, 0.5), temperature=0.5)]
+    out = tmp_path / "out.jsonl"
+    sweep.run_sweep(two_arms, write_jsonl(tmp_path / "in.jsonl", rows), out, job, settings,
+                    progress=False)
+    got = read_jsonl(out)
+    want = {}
+    for k, (setting, temperature) in enumerate([(settings[0], 0.0), (settings[1], 0.5), (settings[1], 1.0)]):
+        # The reference rows hold no "temperature": the job's SamplingParams decide it.
+        fields = {n: v for n, v in setting.fields().items() if n != "temperature"}
+        ref = tmp_path / f"ref-{k}.jsonl"
+        run_job(two_arms, write_jsonl(tmp_path / f"ref-in-{k}.jsonl",
+                                      [{**r, **fields, "prompt_index": i} for i, r in enumerate(rows)]),
+                ref, SamplingParams(temperature=temperature, seed=7, max_tokens=6, ignore_eos=True),
+                progress=False)
+        want[temperature] = [{**r, "temperature": setting.temperature} for r in read_jsonl(ref)]
+    assert got[0::2] == want[0.0] and got[1::2] == want[0.5]
+    texts = [r["generated_token_ids"] for r in want[1.0]]
+    assert texts != [r["generated_token_ids"] for r in want[0.5]]  # the temperature mattered
 
 
 def test_settings_of_one_prompt_share_its_prefill_through_the_prefix_cache(two_arms, tmp_path):

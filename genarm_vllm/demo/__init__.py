@@ -6,10 +6,12 @@ sentiment and away from first-person pronouns. Modules, one job each:
 
     smollm2     convert the packaged GGUF into a float32 Hugging Face folder
     prompts     the training and held-out prompts
-    scoring     VADER (labels), AFINN (independent evaluation), first-person rate,
-                bootstrap intervals
+    scoring     VADER (labels), AFINN (independent evaluation), first-person rate, written
+                into the rows' "scores" as `genarm-vllm score` writes them
     arms        preference data, ARM training (`--retrain`) and rebuilding from the
                 committed LoRA adapters
-    quickstart  the beta sweep and the two-ARM weight sweep (one engine each)
-    report      tables, plots and example completions
+    quickstart  the beta sweep and the two-ARM weight sweep (one engine each), as
+                `genarm-vllm sweep` jobs (genarm_vllm.jobs.sweep)
+    report      tables, plots and example completions, from genarm_vllm.jobs.report's
+                bootstrap means and Pareto front
 """

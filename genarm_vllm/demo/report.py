@@ -1,7 +1,11 @@
 """Tables, plots and examples from the quickstart's scored completions (no vLLM here).
 
-Reads <out>/sweep.jsonl and <out>/multi.jsonl (one scored completion per line) and writes
-sweep.json / sweep.md / sweep.png, multi.json / multi.md / pareto.png and examples.md.
+Reads <out>/sweep.jsonl and <out>/multi.jsonl (sweep rows with "scores", as
+`genarm-vllm score` writes them) and writes sweep.json / sweep.md / sweep.png,
+multi.json / multi.md / pareto.png and examples.md. The figures are genarm_vllm.jobs.report's
+(`genarm-vllm report`): per-setting bootstrap means, the Pareto front and its plot; what is
+the demo's own is the choice of columns, the guided-vs-unguided verdicts, the beta curve
+and the examples.
 """
 
 from __future__ import annotations
@@ -10,36 +14,36 @@ import json
 import textwrap
 from pathlib import Path
 
-from genarm_vllm.jobs.report import bootstrap_mean, markdown_table, plain_table
+from genarm_vllm.demo.scoring import SCORERS, SIGNS
+from genarm_vllm.jobs.report import (
+    interval,
+    markdown_table,
+    nan_if_none,
+    pareto_front,
+    plain_table,
+    plot_pareto,
+    read_rows,
+    summarise,
+)
 
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def summarise(rows: list[dict], settings: list[dict], speeds: dict) -> list[dict]:
-    """One table row per setting: mean scores with bootstrap 95% intervals, length, speed."""
-    table = []
-    for setting in settings:
-        mine = [r for r in rows if r["setting"] == setting["name"]]
-        entry = {
-            "setting": setting["name"], "beta": setting["beta"], "weights": setting["weights"],
-            "temperature": round(setting["temperature"], 4), "n": len(mine),
-        }
-        if "control_beta" in setting:
-            entry["control_beta"] = setting["control_beta"]
-        for scorer in ("vader", "afinn", "first_person", "num_tokens"):
-            mean, low, high = bootstrap_mean([r[scorer] for r in mine])
-            entry[scorer] = {"mean": round(mean, 4), "low": round(low, 4), "high": round(high, 4)}
+def table_of(rows: list[dict], plan: dict, speeds: dict) -> list[dict]:
+    """jobs.report.summarise's entry per setting (mean scores with bootstrap 95% intervals,
+    mean length), plus the demo's columns: temperature, the control's matched beta, the
+    share of completions that ended (EOS), tokens/s."""
+    table = summarise(rows, list(SCORERS))
+    settings = {s["name"]: s for s in plan["settings"]}
+    for entry in table:
+        setting = settings[entry["setting"]]
+        mine = [r for r in rows if r.get("setting") == entry["setting"] and "error" not in r]
+        own = setting["temperature"]
+        entry["temperature"] = round(plan["temperature"] if own is None else own, 4)
+        if own is not None and plan.get("control_beta"):  # the control: the base, sharpened
+            entry["control_beta"] = plan["control_beta"]
         entry["ended"] = round(sum(r["finish_reason"] == "stop" for r in mine) / max(len(mine), 1), 3)
-        if setting["name"] in speeds:
-            entry["tokens_per_s"] = round(speeds[setting["name"]], 1)
-        table.append(entry)
+        if entry["setting"] in speeds:
+            entry["tokens_per_s"] = round(speeds[entry["setting"]], 1)
     return table
-
-
-def interval(cell: dict, digits: int = 2) -> str:
-    return f"{cell['mean']:.{digits}f} [{cell['low']:.{digits}f}, {cell['high']:.{digits}f}]"
 
 
 def verdicts(table: list[dict]) -> list[dict]:
@@ -59,14 +63,17 @@ def verdicts(table: list[dict]) -> list[dict]:
     return result
 
 
+def _stage(out: Path, stage: str) -> tuple[dict, list[dict], dict]:
+    return (json.loads((out / f"{stage}.plan.json").read_text()), read_rows(out / f"{stage}.jsonl"),
+            json.loads((out / f"{stage}.speed.json").read_text()))
+
+
 # ----------------------------------------------------------------------------- beta sweep
 
 
 def sweep_report(out: Path) -> str:
-    plan = json.loads((out / "sweep.plan.json").read_text())
-    rows = read_rows(out / "sweep.jsonl")
-    speeds = json.loads((out / "sweep.speed.json").read_text())
-    table = summarise(rows, plan["settings"], speeds)
+    plan, rows, speeds = _stage(out, "sweep")
+    table = table_of(rows, plan, speeds)
     checks = verdicts(table)
     (out / "sweep.json").write_text(json.dumps({
         "prompts": len(plan["prompts"]), "max_tokens": plan["max_tokens"],
@@ -75,7 +82,7 @@ def sweep_report(out: Path) -> str:
     header = ["setting", "1/beta", "VADER [95% CI]", "AFINN [95% CI]", "mean tokens", "tokens/s"]
     body = [[
         r["setting"], f"{strength(r):g}", interval(r["vader"]), interval(r["afinn"]),
-        f"{r['num_tokens']['mean']:.1f}", f"{r.get('tokens_per_s', 0):.0f}",
+        f"{r.get('mean_tokens', 0):.1f}", f"{r.get('tokens_per_s', 0):.0f}",
     ] for r in table]
     caption = (f"{len(plan['prompts'])} held-out prompts, up to {plan['max_tokens']} tokens each, "
                "one sample per prompt and setting; VADER labelled the ARM's training pairs, "
@@ -101,6 +108,8 @@ def strength(row: dict) -> float:
 
 
 def plot_sweep(table: list[dict], path: Path) -> None:
+    """Each scorer's mean against guidance strength 1/beta: the GenARM curve and the control
+    (the demo's own figure: jobs.report plots two scores against each other)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,19 +152,20 @@ def examples_report(out: Path, count: int = 2) -> str:
     guided = [s for s in plan["settings"] if s["beta"] is not None]
     strongest = min(guided, key=lambda s: s["beta"])["name"]
     prompts = plan["prompts"]
-    picks = [prompts[i * len(prompts) // count] for i in range(count)]
-    by_key = {(r["setting"], r["prompt"]): r for r in rows}
+    picks = [i * len(prompts) // count for i in range(count)]
+    by_key = {(r["setting"], r["prompt_index"]): r for r in rows if "error" not in r}
     md, text = ["# Example completions (prompts spread over the held-out list, not selected)\n"], []
-    for prompt in picks:
-        left, right = by_key[("unguided", prompt)], by_key[(strongest, prompt)]
-        md.append(f"**{prompt}**\n\n" + markdown_table(
+    for index in picks:
+        left, right = by_key[("unguided", index)], by_key[(strongest, index)]
+        ls, rs = left["scores"], right["scores"]
+        md.append(f"**{prompts[index]}**\n\n" + markdown_table(
             ["unguided", strongest],
-            [[_cell(left["text"]), _cell(right["text"])],
-             [f"VADER {left['vader']:.2f}, AFINN {left['afinn']:g}",
-              f"VADER {right['vader']:.2f}, AFINN {right['afinn']:g}"]]))
-        text.append(f"Prompt: {prompt}\n" + side_by_side(
-            f"[unguided] VADER {left['vader']:.2f}\n{left['text'].strip()}",
-            f"[{strongest}] VADER {right['vader']:.2f}\n{right['text'].strip()}"))
+            [[_cell(left["generated_text"]), _cell(right["generated_text"])],
+             [f"VADER {ls['vader']:.2f}, AFINN {ls['afinn']:g}",
+              f"VADER {rs['vader']:.2f}, AFINN {rs['afinn']:g}"]]))
+        text.append(f"Prompt: {prompts[index]}\n" + side_by_side(
+            f"[unguided] VADER {ls['vader']:.2f}\n{left['generated_text'].strip()}",
+            f"[{strongest}] VADER {rs['vader']:.2f}\n{right['generated_text'].strip()}"))
     (out / "examples.md").write_text("\n".join(md))
     return "\n".join(text)
 
@@ -178,55 +188,33 @@ def side_by_side(left: str, right: str, width: int = 48) -> str:
 
 
 def multi_report(out: Path) -> str:
-    plan = json.loads((out / "multi.plan.json").read_text())
-    rows = read_rows(out / "multi.jsonl")
-    speeds = json.loads((out / "multi.speed.json").read_text())
-    table = summarise(rows, plan["settings"], {})
+    plan, rows, speeds = _stage(out, "multi")
+    table = table_of(rows, plan, {})
+    # Fewer first-person words is the impersonal ARM's aim: better is left on that axis.
+    x, y = "first_person", "vader"
+    front = pareto_front([(nan_if_none(e[x]["mean"]), nan_if_none(e[y]["mean"])) for e in table],
+                         (SIGNS[x], SIGNS[y]))
+    for entry, on_front in zip(table, front):
+        entry["pareto"] = on_front
+    beta = plan["settings"][0]["beta"]
     (out / "multi.json").write_text(json.dumps({
         "prompts": len(plan["prompts"]), "max_tokens": plan["max_tokens"],
-        "beta": plan["settings"][0]["beta"], "tokens_per_s_all": round(speeds["all"], 1),
+        "beta": beta, "tokens_per_s_all": round(speeds["all"], 1),
         "table": table}, indent=2) + "\n")
     header = ["w_sentiment", "w_impersonal", "VADER [95% CI]", "AFINN [95% CI]",
               "1st-person words /100 [95% CI]", "mean tokens"]
     body = [[f"{r['weights'][0]:g}", f"{r['weights'][1]:g}", interval(r["vader"]),
-             interval(r["afinn"]), interval(r["first_person"], 1), f"{r['num_tokens']['mean']:.1f}"]
+             interval(r["afinn"]), interval(r["first_person"], 1), f"{r.get('mean_tokens', 0):.1f}"]
             for r in table]
-    caption = (f"beta={plan['settings'][0]['beta']:g}, {len(plan['prompts'])} held-out prompts, up to "
+    caption = (f"beta={beta:g}, {len(plan['prompts'])} held-out prompts, up to "
                f"{plan['max_tokens']} tokens; every setting is a per-request choice in one batch "
                f"of one engine ({speeds['all']:.0f} tokens/s overall).\n")
     (out / "multi.md").write_text(caption + "\n" + markdown_table(header, body))
-    plot_pareto(table, out / "pareto.png", plan["settings"][0]["beta"])
+    plot_pareto(table, x, y, (SIGNS[x], SIGNS[y]), front, out / "pareto.png",
+                title=f"Per-request weights (w_sentiment, w_impersonal), beta={beta:g}, one engine",
+                labels={x: "first-person pronouns per 100 words: fewer is more impersonal",
+                        y: "mean VADER compound: higher is more positive"})
     return caption + "\n" + plain_table(header, body)
-
-
-def plot_pareto(table: list[dict], path: Path, beta: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for r in table:
-        x, y = r["first_person"], r["vader"]
-        unguided = r["weights"] == [0.0, 0.0]
-        ax.errorbar([x["mean"]], [y["mean"]],
-                    xerr=[[x["mean"] - x["low"]], [x["high"] - x["mean"]]],
-                    yerr=[[y["mean"] - y["low"]], [y["high"] - y["mean"]]],
-                    fmt="s" if unguided else "o", color="gray" if unguided else "C0", capsize=3)
-        label = "unguided" if unguided else f"({r['weights'][0]:g}, {r['weights'][1]:g})"
-        ax.annotate(label, (x["mean"], y["mean"]), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    guided = sorted((r for r in table if r["weights"] != [0.0, 0.0]), key=lambda r: r["weights"][1])
-    ax.plot([r["first_person"]["mean"] for r in guided], [r["vader"]["mean"] for r in guided],
-            "-", color="C0", alpha=0.5)
-    ax.set_xlabel("first-person pronouns per 100 words: fewer is more impersonal")
-    ax.set_ylabel("mean VADER compound: higher is more positive")
-    ax.set_title(f"Per-request weights (w_sentiment, w_impersonal), beta={beta:g}, one engine",
-                 fontsize=10)
-    ax.invert_xaxis()  # better on both objectives = up and to the right
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def write_report(out: Path, multi: bool = True) -> None:

@@ -1,4 +1,5 @@
-"""Scorers for the demo (bootstrap intervals of a mean: genarm_vllm.jobs.report).
+"""Scorers for the demo: word lists, not reward models, so not `genarm-vllm score`; their
+scores go into the rows as that command writes them, for genarm_vllm.jobs.report.
 
 - VADER compound score (`vadersentiment`) in [-1, 1]: labels the ARM's training pairs.
 - AFINN (`afinn`): an independent word list (Nielsen 2011) that played no part in making
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import functools
 import re
-
-from genarm_vllm.jobs.report import bootstrap_mean  # noqa: F401  (its earlier home)
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,3 +56,15 @@ def first_person(text: str) -> float:
 
 
 SCORERS = {"vader": vader, "afinn": afinn, "first_person": first_person}
+# +1: higher is better; first-person words are what the impersonal ARM steers away from.
+SIGNS = {"vader": 1.0, "afinn": 1.0, "first_person": -1.0}
+
+
+def score_rows(rows: list[dict]) -> list[dict]:
+    """Generated rows (a sweep's output) with every scorer's score of "generated_text" added
+    to their "scores" object, the layout `genarm-vllm score` writes and jobs.report reads.
+    Error rows are passed on as they are."""
+    return [row if "error" in row else
+            {**row, "scores": {**(row.get("scores") or {}),
+                               **{name: score(row["generated_text"]) for name, score in SCORERS.items()}}}
+            for row in rows]

@@ -190,7 +190,10 @@ def win_rates(rows: Sequence[dict], scorer: str, baseline: str, *, sign: float =
 
 
 def plot_pareto(table: list[dict], x: str, y: str, signs: tuple[float, float], front: list[bool],
-                path: str | os.PathLike, title: str | None = None) -> None:
+                path: str | os.PathLike, title: str | None = None,
+                labels: dict[str, str] | None = None) -> None:
+    """The settings' means of scores x and y with their intervals, the front joined by a
+    line; labels: {score: axis label} (default "mean SCORE (higher/lower is better)")."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,8 +217,9 @@ def plot_pareto(table: list[dict], x: str, y: str, signs: tuple[float, float], f
                 label="Pareto front")
         ax.legend(loc="best", fontsize=8)
     better = {1.0: "higher is better", -1.0: "lower is better"}
-    ax.set_xlabel(f"mean {x} ({better[signs[0]]})")
-    ax.set_ylabel(f"mean {y} ({better[signs[1]]})")
+    labels = labels or {}
+    ax.set_xlabel(labels.get(x, f"mean {x} ({better[signs[0]]})"))
+    ax.set_ylabel(labels.get(y, f"mean {y} ({better[signs[1]]})"))
     if signs[0] < 0:
         ax.invert_xaxis()  # better on both = up and to the right
     if signs[1] < 0:

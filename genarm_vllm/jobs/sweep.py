@@ -14,6 +14,8 @@ An expanded row is the input row plus
     "setting"       the setting's name,
     "beta"          its beta (absent when the setting leaves beta to the engine default),
     "weights"       its weights (absent likewise),
+    "temperature"   its sampling temperature (absent when it keeps the job's: a setting
+                    such as "the base alone, sharpened" differs in sampling, not guidance),
     "prompt_index"  the input row's position among the input's rows (from 0): the key that
                     pairs the settings' answers to one prompt (`genarm-vllm report`).
 An input row that already holds one of these fields is refused before anything runs (the
@@ -38,18 +40,20 @@ from pathlib import Path
 
 from genarm_vllm.jobs.batch import OUTPUT_FIELDS, REORDER_BUFFER, input_files, read_lines
 
-SWEEP_FIELDS = ("setting", "beta", "weights", "prompt_index")
+SWEEP_FIELDS = ("setting", "beta", "weights", "temperature", "prompt_index")
 EXPANDED_SUFFIX = ".sweep-input.jsonl"
 
 
 @dataclass(frozen=True)
 class Setting:
     """One point of the grid: a name and the guidance it gives every prompt (None: the
-    engine's default beta / weights)."""
+    engine's default beta / weights), and optionally a sampling temperature of its own
+    (None: the job's SamplingParams.temperature)."""
 
     name: str
     beta: float | None = None
     weights: tuple[float, ...] | None = None
+    temperature: float | None = None
 
     def fields(self) -> dict:
         out = {"setting": self.name}
@@ -57,6 +61,8 @@ class Setting:
             out["beta"] = self.beta
         if self.weights is not None:
             out["weights"] = list(self.weights)
+        if self.temperature is not None:
+            out["temperature"] = self.temperature
         return out
 
 
@@ -64,12 +70,15 @@ def _number_text(value: float) -> str:
     return f"{value:g}"
 
 
-def setting_name(beta: float | None, weights: Sequence[float] | None) -> str:
+def setting_name(beta: float | None, weights: Sequence[float] | None,
+                 temperature: float | None = None) -> str:
     parts = []
     if beta is not None:
         parts.append(f"beta={_number_text(beta)}")
     if weights is not None:
         parts.append("w=" + ",".join(_number_text(w) for w in weights))
+    if temperature is not None:
+        parts.append(f"T={_number_text(temperature)}")
     return " ".join(parts) or "default"
 
 
@@ -99,7 +108,8 @@ def grid(betas: Sequence[float] | None = None,
 
 
 def read_settings_file(path: str | os.PathLike) -> list[Setting]:
-    """A JSON list (or JSONL) of {"name", "beta", "weights"} objects; name optional."""
+    """A JSON list (or JSONL) of {"name", "beta", "weights", "temperature"} objects; all
+    optional."""
     text = Path(path).read_text(encoding="utf-8")
     try:
         items = json.loads(text)
@@ -109,14 +119,15 @@ def read_settings_file(path: str | os.PathLike) -> list[Setting]:
         items = items.get("settings", [items])
     settings = []
     for number, item in enumerate(items, start=1):
-        if not isinstance(item, dict) or set(item) - {"name", "beta", "weights"}:
+        if not isinstance(item, dict) or set(item) - {"name", "beta", "weights", "temperature"}:
             raise ValueError(f"{path}: setting {number} must be an object with name, beta, "
-                             f"weights (beta and weights optional), got {item!r}")
-        weights = item.get("weights")
+                             f"weights, temperature (each optional), got {item!r}")
+        weights, temperature = item.get("weights"), item.get("temperature")
         settings.append(Setting(
-            item.get("name") or setting_name(item.get("beta"), weights),
+            item.get("name") or setting_name(item.get("beta"), weights, temperature),
             None if item.get("beta") is None else float(item["beta"]),
-            None if weights is None else tuple(float(w) for w in weights)))
+            None if weights is None else tuple(float(w) for w in weights),
+            None if temperature is None else float(temperature)))
     return settings
 
 
@@ -137,6 +148,11 @@ def check_settings(settings: Sequence[Setting], num_reward_models: int) -> list[
             check_beta(s.beta, f"setting {s.name!r}: beta")
         if s.weights is not None:
             check_weights(list(s.weights), num_reward_models, f"setting {s.name!r}: weights")
+        t = s.temperature
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
+                              or not math.isfinite(t) or t < 0):
+            raise ValueError(f"setting {s.name!r}: temperature must be a finite number >= 0, "
+                             f"got {s.temperature!r}")
     return list(settings)
 
 
