@@ -50,7 +50,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genarm_vllm.guidance import row_guidance
-from genarm_vllm.prompts import chat_prompts, check_prompts
 from genarm_vllm.tokenization import prompt_ids
 
 OUTPUT_FIELDS = ("generated_text", "generated_token_ids", "finish_reason", "logprobs",
@@ -135,11 +134,18 @@ def check_row(row: object, num_reward_models: int) -> None:
     except ValueError as e:
         raise RowError("bad guidance", str(e)) from None
     if "temperature" in row:
-        temperature = row["temperature"]
-        if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
-                or not math.isfinite(temperature) or temperature < 0):
-            raise RowError("bad row", f"temperature must be a finite number >= 0, got "
-                                      f"{temperature!r}")
+        try:
+            check_temperature(row["temperature"])
+        except ValueError as e:
+            raise RowError("bad row", str(e)) from None
+
+
+def check_temperature(value: object, name: str = "temperature") -> float:
+    """A row's or a sweep setting's own sampling temperature: a finite number >= 0."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 @dataclass
@@ -231,15 +237,10 @@ class PromptBuilder:
         guidance = row_guidance(row, self.num_reward_models)
         if "temperature" in row:  # EngineFeeder.add applies it
             guidance = {**(guidance or {}), "temperature": float(row["temperature"])}
-        if row.get("messages") is not None and (guidance or {}).get("prompts") is None:
-            # Under own_chat_templates the row's models render its messages themselves.
-            own = chat_prompts(row["messages"], self.llm.chat_template_models)
-            if own is not None:
-                try:
-                    own = check_prompts(own, self.num_reward_models, "prompts from the messages")
-                except ValueError as e:
-                    raise RowError("bad prompts", str(e)) from None
-                guidance = {**(guidance or {}), "prompts": own}
+        if row.get("messages") is not None:
+            # Under own_chat_templates the row's models render its messages themselves
+            # (carrier() below checks and encodes them).
+            (guidance,) = self.llm.chat_guidance(guidance, [row["messages"]])
         if guidance is not None and guidance.get("prompts") is not None:
             return self.carrier(ids, guidance)
         return {"prompt_token_ids": ids}, guidance

@@ -38,7 +38,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genarm_vllm.jobs.batch import OUTPUT_FIELDS, REORDER_BUFFER, input_files, read_lines
+from genarm_vllm.jobs.batch import (
+    OUTPUT_FIELDS,
+    REORDER_BUFFER,
+    check_temperature,
+    input_files,
+    read_lines,
+)
 
 SWEEP_FIELDS = ("setting", "beta", "weights", "temperature", "prompt_index")
 EXPANDED_SUFFIX = ".sweep-input.jsonl"
@@ -148,11 +154,8 @@ def check_settings(settings: Sequence[Setting], num_reward_models: int) -> list[
             check_beta(s.beta, f"setting {s.name!r}: beta")
         if s.weights is not None:
             check_weights(list(s.weights), num_reward_models, f"setting {s.name!r}: weights")
-        t = s.temperature
-        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float))
-                              or not math.isfinite(t) or t < 0):
-            raise ValueError(f"setting {s.name!r}: temperature must be a finite number >= 0, "
-                             f"got {s.temperature!r}")
+        if s.temperature is not None:
+            check_temperature(s.temperature, f"setting {s.name!r}: temperature")
     return list(settings)
 
 
